@@ -1,0 +1,16 @@
+"""Exception types users can catch: one per input family, all ``ValueError`` subclasses.
+
+Front ends map :class:`InputError` to a client error (exit code 2, HTTP 400); anything else is a bug.
+"""
+
+
+class InputError(ValueError):
+    """Something a user sent is wrong; the message names what and why."""
+
+
+class AudioError(InputError):
+    """Audio that cannot be used: empty, undecodable, too short or long, non-finite, not allowed."""
+
+
+class PromptError(InputError):
+    """A prompt or conversation that cannot be turned into model inputs."""
