@@ -1,0 +1,54 @@
+"""Find a checkpoint directory: a local path, or a Hugging Face hub id fetched with huggingface_hub.
+
+Owns the download and its offline error message; it must not parse what it finds.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+PROCESSOR_FILES = [
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+]
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """Neither a local directory nor a reachable hub repository."""
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, allow_patterns: list[str] | None = None) -> pathlib.Path:
+    """Return a local directory holding the checkpoint, downloading from the hub when needed.
+
+    ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` are honoured by huggingface_hub itself.
+    """
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointNotFoundError(f"{text}: no such checkpoint directory (and not a hub id like 'Qwen/Qwen2-Audio-7B')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return pathlib.Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{text}: not in the local Hugging Face cache and the hub cannot be reached (offline?). "
+            f"Download it where you are online (huggingface-cli download {text} --local-dir DIR) "
+            f"and pass that directory instead."
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointNotFoundError(f"{text}: no such repository on the Hugging Face hub") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise CheckpointNotFoundError(f"{text}: download failed ({exc}); pass a local directory instead") from None

@@ -1,0 +1,278 @@
+"""The Processor: what users write (conversations, raw prompts, audio) -> model inputs (a Batch).
+
+Owns reading a checkpoint's tokenizer, template and feature settings, loading each audio once, and
+assembling left-padded batches with the audio spans the engine needs. It must not touch weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen2audio.audio.features import FeatureConfig, FeatureExtractor, audio_token_count, frame_count, split_windows
+from qwen2audio.audio.io import DEFAULT_MAX_DURATION_S, UrlPolicy, load_audio
+from qwen2audio.config import ModelConfig
+from qwen2audio.errors import InputError, PromptError
+from qwen2audio.hub import PROCESSOR_FILES, resolve_checkpoint
+from qwen2audio.text.prompt import (
+    AUDIO_BOS,
+    AUDIO_EOS,
+    AUDIO_TOKEN,
+    ChatTemplate,
+    expand_audio_tokens,
+    load_chat_template,
+    normalize_messages,
+)
+from qwen2audio.text.tokenizer import Tokenizer
+
+Conversation = list[dict[str, Any]]
+PromptInput = Conversation | str
+
+
+@dataclass(frozen=True)
+class AudioSpan:
+    """One audio inside a prompt: its tokens, its feature windows, and a content digest.
+
+    ``offset`` indexes the row's unpadded ``token_ids``; ``first_window`` indexes the batch's
+    ``input_features``. The digest keys the encoder cache and the prefix cache, since every
+    placeholder token has the same id whatever the audio.
+    """
+
+    offset: int
+    length: int
+    first_window: int
+    num_windows: int
+    digest: str
+
+
+@dataclass
+class Prompt:
+    """One prepared row before batching: token ids and the decoded audio it needs."""
+
+    token_ids: list[int]
+    audios: list[np.ndarray]
+    offsets: list[int]
+    digests: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Batch:
+    """Model inputs in the reference's names, plus the per-row audio layout.
+
+    input_ids, attention_mask: LongTensor [B, T], left padded.
+    input_features: FloatTensor [W, n_mels, frames]; feature_attention_mask: LongTensor [W, frames].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    input_features: torch.Tensor
+    feature_attention_mask: torch.Tensor
+    token_ids: list[list[int]]
+    audio_spans: list[list[AudioSpan]]
+    window_tokens: list[int] = field(default_factory=list)
+
+    def to(self, device: str | torch.device) -> Batch:
+        """The same batch with its tensors on ``device``."""
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.input_features.to(device),
+            self.feature_attention_mask.to(device),
+            self.token_ids,
+            self.audio_spans,
+            self.window_tokens,
+        )
+
+
+class Processor:
+    """Turns conversations (Instruct) and raw prompts (base model) into a :class:`Batch`.
+
+    Matches transformers' ``Qwen2AudioProcessor`` (4.48-5.15) for clips of 30 s or less; longer
+    clips are split into 30 s windows instead of being cut.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate,
+        feature_extractor: FeatureExtractor | None = None,
+        max_context: int | None = None,
+        url_policy: UrlPolicy | None = None,
+        max_audio_seconds: float = DEFAULT_MAX_DURATION_S,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.feature_extractor = feature_extractor or FeatureExtractor()
+        self.max_context = max_context
+        self.url_policy = url_policy
+        self.max_audio_seconds = max_audio_seconds
+        self.audio_id = self._special_id(AUDIO_TOKEN)
+        self.audio_bos_id = self._special_id(AUDIO_BOS)
+        self.audio_eos_id = self._special_id(AUDIO_EOS)
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise PromptError(f"the tokenizer has no {token} token: not a Qwen2-Audio tokenizer")
+        return token_id
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **options: Any) -> Processor:
+        """Read a checkpoint directory (or hub id) without loading weights."""
+        directory = resolve_checkpoint(name_or_path, allow_patterns=PROCESSOR_FILES)
+        tokenizer = Tokenizer.from_dir(directory)
+        template = ChatTemplate(load_chat_template(directory, tokenizer.config), _template_tokens(tokenizer))
+        features = FeatureExtractor(FeatureConfig.from_dict(_read_optional_json(directory / "preprocessor_config.json")))
+        options.setdefault("max_context", _max_context(directory, tokenizer))
+        return cls(tokenizer, template, features, **options)
+
+    def __call__(
+        self,
+        inputs: PromptInput | Sequence[PromptInput],
+        audios: Sequence[Any] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        device: str | torch.device | None = None,
+    ) -> Batch:
+        """Prepare and collate a batch; see :meth:`prepare` for what one item may be."""
+        items = _as_batch(inputs)
+        pending = iter(list(audios or []))
+        prompts = [self.prepare(item, pending, add_generation_prompt=add_generation_prompt) for item in items]
+        leftover = sum(1 for _ in pending)
+        if leftover:
+            raise PromptError(f"{leftover} audio(s) were given that no {AUDIO_TOKEN} placeholder takes")
+        return self.collate(prompts, device=device)
+
+    def render(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+        """The conversation as the checkpoint's template writes it (one placeholder per audio)."""
+        messages, _ = normalize_messages(conversation)
+        return self.chat_template.render(messages, add_generation_prompt)
+
+    def prepare(
+        self, item: PromptInput, audios: Iterator[Any] | None = None, *, add_generation_prompt: bool = True
+    ) -> Prompt:
+        """One row: a conversation (list of messages) or a raw prompt whose ``<|AUDIO|>``
+        placeholders take the next audios from ``audios``."""
+        if isinstance(item, str):
+            text, sources = item, _take(audios, item.count(AUDIO_TOKEN))
+        elif isinstance(item, (list, tuple)):
+            messages, parts = normalize_messages(item)
+            text = self.chat_template.render(messages, add_generation_prompt)
+            sources = [(part.source, part.where) for part in parts]
+        else:
+            raise PromptError(f"a prompt must be a conversation (list of messages) or a string, not {type(item).__name__}")
+        samples = [self._load(source, where) for source, where in sources]
+        counts = [sum(audio_token_count(frame_count(len(w))) for w in split_windows(s)) for s in samples]
+        ids, placements = expand_audio_tokens(
+            self.tokenizer.encode(text), counts, self.audio_id, self.audio_bos_id, self.audio_eos_id
+        )
+        if self.max_context is not None and len(ids) > self.max_context:
+            raise PromptError(f"the prompt is {len(ids)} tokens, more than the model's context of {self.max_context}")
+        digests = [hashlib.blake2b(s.tobytes(), digest_size=16).hexdigest() for s in samples]
+        return Prompt(ids, samples, [p.offset for p in placements], digests)
+
+    def _load(self, source: Any, where: str) -> np.ndarray:
+        try:
+            return load_audio(source, url_policy=self.url_policy, max_duration_s=self.max_audio_seconds)
+        except InputError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+
+    def collate(self, prompts: Sequence[Prompt], device: str | torch.device | None = None) -> Batch:
+        """Left-pad rows and featurize every audio window of the batch at once."""
+        if not prompts:
+            raise PromptError("the batch is empty")
+        width = max(p.num_tokens for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - prompt.num_tokens:] = torch.tensor(prompt.token_ids, dtype=torch.long)
+            attention_mask[row, width - prompt.num_tokens:] = 1
+        clips = [clip for p in prompts for clip in p.audios]
+        features = self.feature_extractor(clips, device=device)
+        spans: list[list[AudioSpan]] = []
+        window, clip = 0, 0
+        for prompt in prompts:
+            row_spans = []
+            for offset, digest in zip(prompt.offsets, prompt.digests):
+                n_windows = features.window_counts[clip]
+                length = sum(features.window_tokens[window:window + n_windows])
+                row_spans.append(AudioSpan(offset, length, window, n_windows, digest))
+                window, clip = window + n_windows, clip + 1
+            spans.append(row_spans)
+        if device is not None:
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        return Batch(
+            input_ids,
+            attention_mask,
+            features.input_features,
+            features.feature_attention_mask,
+            [p.token_ids for p in prompts],
+            spans,
+            features.window_tokens,
+        )
+
+
+def _as_batch(inputs: Any) -> list[PromptInput]:
+    """A single conversation or string becomes a batch of one."""
+    if isinstance(inputs, str):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)):
+        if not inputs:
+            raise PromptError("no inputs given")
+        if all(isinstance(x, dict) for x in inputs):
+            return [list(inputs)]
+        return list(inputs)
+    raise PromptError(f"inputs must be a conversation, a string, or a list of them, not {type(inputs).__name__}")
+
+
+def _take(audios: Iterator[Any] | None, count: int) -> list[tuple[Any, str]]:
+    taken = []
+    for k in range(count):
+        source = next(audios, _MISSING) if audios is not None else _MISSING
+        if source is _MISSING:
+            raise PromptError(
+                f"the prompt has more {AUDIO_TOKEN} placeholders than audios were given (ran out at placeholder {k + 1})"
+            )
+        taken.append((source, f"audio for placeholder {k + 1}"))
+    return taken
+
+
+_MISSING = object()
+
+
+def _template_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    names = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = tokenizer.config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value:
+            names[key] = value
+    return names
+
+
+def _read_optional_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PromptError(f"{path}: cannot read ({exc})") from None
+
+
+def _max_context(directory: pathlib.Path, tokenizer: Tokenizer) -> int | None:
+    """The decoder's position limit from config.json, else the tokenizer's model_max_length."""
+    if (directory / "config.json").is_file():
+        return ModelConfig.from_dir(directory).text.max_position_embeddings
+    return tokenizer.model_max_length
