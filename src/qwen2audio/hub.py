@@ -36,7 +36,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, allow_patterns: list[str
         return path
     text = str(name_or_path)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointNotFoundError(f"{text}: no such checkpoint directory (and not a hub id like 'Qwen/Qwen2-Audio-7B')")
+        raise CheckpointNotFoundError(
+            f"{text}: no such checkpoint directory (and not a hub id like 'Qwen/Qwen2-Audio-7B')"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

@@ -134,7 +134,8 @@ class Processor:
         directory = resolve_checkpoint(name_or_path, allow_patterns=PROCESSOR_FILES)
         tokenizer = Tokenizer.from_dir(directory)
         template = ChatTemplate(load_chat_template(directory, tokenizer.config), _template_tokens(tokenizer))
-        features = FeatureExtractor(FeatureConfig.from_dict(_read_optional_json(directory / "preprocessor_config.json")))
+        feature_config = FeatureConfig.from_dict(_read_optional_json(directory / "preprocessor_config.json"))
+        features = FeatureExtractor(feature_config)
         options.setdefault("max_context", _max_context(directory, tokenizer))
         return cls(tokenizer, template, features, **options)
 
@@ -172,7 +173,9 @@ class Processor:
             text = self.chat_template.render(messages, add_generation_prompt)
             sources = [(part.source, part.where) for part in parts]
         else:
-            raise PromptError(f"a prompt must be a conversation (list of messages) or a string, not {type(item).__name__}")
+            raise PromptError(
+                f"a prompt must be a conversation (list of messages) or a string, not {type(item).__name__}"
+            )
         samples = [self._load(source, where) for source, where in sources]
         counts = [sum(audio_token_count(frame_count(len(w))) for w in split_windows(s)) for s in samples]
         ids, placements = expand_audio_tokens(
@@ -205,7 +208,7 @@ class Processor:
         window, clip = 0, 0
         for prompt in prompts:
             row_spans = []
-            for offset, digest in zip(prompt.offsets, prompt.digests):
+            for offset, digest in zip(prompt.offsets, prompt.digests, strict=True):
                 n_windows = features.window_counts[clip]
                 length = sum(features.window_tokens[window:window + n_windows])
                 row_spans.append(AudioSpan(offset, length, window, n_windows, digest))
@@ -243,7 +246,8 @@ def _take(audios: Iterator[Any] | None, count: int) -> list[tuple[Any, str]]:
         source = next(audios, _MISSING) if audios is not None else _MISSING
         if source is _MISSING:
             raise PromptError(
-                f"the prompt has more {AUDIO_TOKEN} placeholders than audios were given (ran out at placeholder {k + 1})"
+                f"the prompt has more {AUDIO_TOKEN} placeholders than audios were given "
+                f"(ran out at placeholder {k + 1})"
             )
         taken.append((source, f"audio for placeholder {k + 1}"))
     return taken

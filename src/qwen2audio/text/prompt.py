@@ -19,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwen2audio.errors import PromptError
 
-AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_TOKEN = "<|AUDIO|>"  # noqa: S105 (a token, not a password)
 AUDIO_BOS = "<|audio_bos|>"
 AUDIO_EOS = "<|audio_eos|>"
 
@@ -202,7 +202,7 @@ def expand_audio_tokens(
     out: list[int] = []
     placements: list[Placement] = []
     previous = 0
-    for position, count in zip(positions, token_counts):
+    for position, count in zip(positions, token_counts, strict=True):
         out.extend(ids[previous:position])
         wrapped = (position > 0 and ids[position - 1] == bos_id) or (
             position + 1 < len(ids) and ids[position + 1] == eos_id
