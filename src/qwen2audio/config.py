@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qwen2audio.errors import CheckpointError
+
 MODEL_TYPE = "qwen2_audio"
 
 
-class ConfigError(ValueError):
+class ConfigError(CheckpointError):
     """config.json is missing, unreadable or describes a model this package does not implement."""
 
 

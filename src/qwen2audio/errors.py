@@ -14,3 +14,7 @@ class AudioError(InputError):
 
 class PromptError(InputError):
     """A prompt or conversation that cannot be turned into model inputs."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or loaded: missing files, bad config, wrong tensors."""

@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 import pathlib
 
+from qwen2audio.errors import CheckpointError
+
 PROCESSOR_FILES = [
     "config.json",
     "generation_config.json",
     "preprocessor_config.json",
+    "processor_config.json",
     "tokenizer_config.json",
     "tokenizer.json",
     "vocab.json",
@@ -22,7 +25,7 @@ PROCESSOR_FILES = [
 ]
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(CheckpointError):
     """Neither a local directory nor a reachable hub repository."""
 
 

@@ -134,7 +134,7 @@ class Processor:
         directory = resolve_checkpoint(name_or_path, allow_patterns=PROCESSOR_FILES)
         tokenizer = Tokenizer.from_dir(directory)
         template = ChatTemplate(load_chat_template(directory, tokenizer.config), _template_tokens(tokenizer))
-        feature_config = FeatureConfig.from_dict(_read_optional_json(directory / "preprocessor_config.json"))
+        feature_config = FeatureConfig.from_dict(_feature_settings(directory))
         features = FeatureExtractor(feature_config)
         options.setdefault("max_context", _max_context(directory, tokenizer))
         return cls(tokenizer, template, features, **options)
@@ -273,6 +273,15 @@ def _read_optional_json(path: pathlib.Path) -> dict[str, Any]:
         return {}
     except (OSError, json.JSONDecodeError) as exc:
         raise PromptError(f"{path}: cannot read ({exc})") from None
+
+
+def _feature_settings(directory: pathlib.Path) -> dict[str, Any]:
+    """preprocessor_config.json (published checkpoints), else the "feature_extractor" entry of the
+    processor_config.json that transformers 5 writes."""
+    settings = _read_optional_json(directory / "preprocessor_config.json")
+    if settings:
+        return settings
+    return _read_optional_json(directory / "processor_config.json").get("feature_extractor") or {}
 
 
 def _max_context(directory: pathlib.Path, tokenizer: Tokenizer) -> int | None:

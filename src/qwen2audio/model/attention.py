@@ -1,0 +1,93 @@
+"""Attention over a flattened batch of sequences, with an optional paged KV cache.
+
+Owns the per-step metadata (``AttentionMetadata``, passed down as an argument, never global) and
+the eager implementation that works on any device; faster kernels plug in behind the same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, kv_heads, head_dim]
+
+
+@dataclass
+class AttentionMetadata:
+    """Layout of one step: S sequences whose new tokens are concatenated into N rows.
+
+    ``query_lens[i]`` new tokens of sequence i attend to its first ``context_lens[i]`` keys (cached
+    ones first, then the new ones). With a cache, ``slot_mapping[n]`` is where row n's key/value go
+    and ``block_tables[i]`` lists sequence i's blocks in order.
+    """
+
+    query_lens: list[int]
+    context_lens: list[int]
+    slot_mapping: torch.Tensor | None = None  # [N] int64
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] int32/int64
+
+    @classmethod
+    def prefill(cls, query_lens: list[int]) -> AttentionMetadata:
+        """Whole prompts with no cache: each sequence attends causally to itself."""
+        return cls(list(query_lens), list(query_lens))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    meta: AttentionMetadata,
+    cache: KVCache | None,
+) -> torch.Tensor:
+    """query [N, heads, d], key/value [N, kv_heads, d] -> [N, heads, d], causal per sequence."""
+    if cache is not None:
+        _write_cache(key, value, meta, cache)
+    outputs = []
+    start = 0
+    for index, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
+        q = query[start:start + q_len]
+        if cache is None:
+            k, v = key[start:start + q_len], value[start:start + q_len]
+        else:
+            k, v = _read_cache(cache, meta.block_tables[index], ctx_len)
+        outputs.append(_causal_attention(q, k, v))
+        start += q_len
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [Lq, H, d] are the last Lq positions of a sequence whose keys are k [Lk, KVH, d]."""
+    q_len, k_len = q.shape[0], k.shape[0]
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, L, d]
+    gqa = q.shape[0] != k.shape[0]
+    if q_len == k_len:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif q_len == 1:
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    else:
+        offset = k_len - q_len
+        allowed = torch.arange(k_len, device=q.device)[None, :] <= (offset + torch.arange(q_len, device=q.device))[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+    return out.transpose(0, 1)  # [Lq, H, d]
+
+
+def _write_cache(key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> None:
+    k_cache, v_cache = cache
+    slots = meta.slot_mapping
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def _read_cache(cache: KVCache, block_table: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k_cache, v_cache = cache
+    block_size = k_cache.shape[1]
+    blocks = block_table[: -(-ctx_len // block_size)].long()
+    k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:ctx_len]  # [ctx, KVH, d]
+    v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:ctx_len]
+    return k, v

@@ -1,0 +1,68 @@
+"""Qwen2-Audio: encode audio windows, project, merge into the prompt's embeddings, decode.
+
+Owns the composition and the merge count check; module names follow the checkpoint
+(``audio_tower``, ``multi_modal_projector``, ``language_model``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from qwen2audio.config import ModelConfig
+from qwen2audio.model.attention import AttentionMetadata, KVCache
+from qwen2audio.model.audio_encoder import AudioEncoder, MultiModalProjector
+from qwen2audio.model.qwen2 import Qwen2ForCausalLM
+
+
+class AudioTokenMismatchError(ValueError):
+    """The prompt's <|AUDIO|> positions and the encoder's outputs do not pair up."""
+
+
+class Qwen2AudioForConditionalGeneration(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.audio_tower = AudioEncoder(config.audio)
+        self.multi_modal_projector = MultiModalProjector(config.audio.d_model, config.text.hidden_size)
+        self.language_model = Qwen2ForCausalLM(config.text)
+
+    def encode_audio(
+        self, features: torch.Tensor, frame_mask: torch.Tensor, window_tokens: Sequence[int]
+    ) -> torch.Tensor:
+        """Windows [W, n_mels, frames] -> audio embeddings [sum(window_tokens), hidden], in window order."""
+        states = self.audio_tower(features, frame_mask)  # [W, frames // 4, d_audio]
+        kept = torch.cat([states[w, :n] for w, n in enumerate(window_tokens)])  # [A, d_audio]
+        return self.multi_modal_projector(kept)
+
+    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [N] -> [N, hidden]; the audio rows replace the <|AUDIO|> positions in order.
+
+        Without audio (every decode step) there is no check, so no host synchronisation."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if audio_embeds is None:
+            return embeds
+        is_audio = input_ids == self.config.audio_token_id
+        expected = audio_embeds.shape[0]
+        found = int(is_audio.sum())  # one host sync per prefill, never per decoded token
+        if found != expected:
+            raise AudioTokenMismatchError(f"the prompt has {found} audio tokens but the encoder produced {expected}")
+        if expected:
+            embeds = embeds.masked_scatter(is_audio[:, None], audio_embeds.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        caches: list[KVCache] | None = None,
+        audio_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flattened tokens [N] -> final hidden states [N, hidden]."""
+        return self.language_model.model(self.embed(input_ids, audio_embeds), positions, meta, caches)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.logits(hidden)

@@ -1,0 +1,230 @@
+"""Strict checkpoint loading: safetensors files -> parameters of a model built on the meta device.
+
+Owns the one table of name changes (both key layouts, fused qkv and gate/up) and the checks that
+fail loudly on anything missing, unexpected, mis-shaped or truncated. Tensors are read with plain
+positioned reads straight into their destination (one tensor of scratch when the dtype or device
+differs) instead of memory-mapping whole files, so the resident set stays near one copy of the
+weights: a mapping keeps every page it touched resident until the file is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qwen2audio.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+# Newer transformers keep other names in memory; checkpoints may carry any of these layouts
+# (transformers 5.15 writes the decoder as "language_model.model.model.*").
+_LAYOUT = [
+    (re.compile(r"^language_model\.model\.model\."), "language_model.model."),
+    (re.compile(r"^model\.audio_tower\."), "audio_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^model\.language_model\."), "language_model.model."),
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+]
+# Separate checkpoint matrices that the model keeps fused: (pattern, fused name, part index, parts).
+_FUSED = [
+    (re.compile(r"^(language_model\.model\.layers\.\d+\.self_attn)\.(q|k|v)_proj\.(weight|bias)$"), "qkv_proj", "qkv"),
+    (re.compile(r"^(language_model\.model\.layers\.\d+\.mlp)\.(gate|up)_proj\.(weight)$"), "gate_up_proj", ["gate", "up"]),
+]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are: file, dtype, shape, byte range."""
+
+    path: pathlib.Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def checkpoint_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    """model.safetensors, or the shards named by model.safetensors.index.json (all must exist)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index}: unreadable index ({exc})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [name for name in shards if not (directory / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{directory}: missing shard file(s) {', '.join(missing)} named in {index.name}")
+        return [directory / name for name in shards]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_header(path: pathlib.Path) -> dict[str, TensorEntry]:
+    """Parse a safetensors header and check every tensor's bytes lie inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {header_len} bytes)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    base = 8 + header_len
+    entries = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if spec.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {spec.get('dtype')}")
+        start, end = spec["data_offsets"]
+        entry = TensorEntry(path, _DTYPES[spec["dtype"]], tuple(spec["shape"]), base + start, base + end)
+        expected = _numel(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+        if entry.nbytes != expected:
+            raise CheckpointError(f"{path}: tensor {name} has {entry.nbytes} bytes for shape {entry.shape}")
+        if entry.end > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file ({size} bytes, tensor {name} ends at {entry.end})"
+            )
+        entries[name] = entry
+    return entries
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def canonical_name(name: str) -> str:
+    """A checkpoint key in the saved (legacy) layout."""
+    for pattern, replacement in _LAYOUT:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+def _destination(name: str) -> tuple[str, int, int]:
+    """(parameter name, part index, number of parts) for a canonical checkpoint key."""
+    for pattern, fused, parts in _FUSED:
+        match = pattern.match(name)
+        if match:
+            prefix, part, kind = match.groups()
+            return f"{prefix}.{fused}.{kind}", list(parts).index(part), len(parts)
+    return name, 0, 1
+
+
+def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = True) -> None:
+    """Fill every parameter of ``model`` (allocated, uninitialised) from the checkpoint in ``directory``."""
+    entries: dict[str, TensorEntry] = {}
+    for path in checkpoint_files(directory):
+        for name, entry in read_header(path).items():
+            entries[canonical_name(name)] = entry
+    params = dict(model.named_parameters())
+    plan = _plan(params, entries, tied=getattr(model.config, "tie_word_embeddings", False))
+    total = sum(entry.nbytes for _, _, entry in plan)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
+        for target, entry in _ordered(plan):
+            _read_into(target, entry)
+            bar.update(entry.nbytes)
+
+
+def _plan(
+    params: dict[str, nn.Parameter], entries: dict[str, TensorEntry], tied: bool
+) -> list[tuple[str, torch.Tensor, TensorEntry]]:
+    """Match checkpoint tensors to parameter slices; report every problem at once."""
+    groups: dict[str, list[tuple[int, int, str, TensorEntry]]] = {}
+    unexpected = []
+    for name, entry in entries.items():
+        param_name, part, parts = _destination(name)
+        if param_name not in params:
+            if not (tied and name == "language_model.lm_head.weight"):
+                unexpected.append(name)
+            continue
+        groups.setdefault(param_name, []).append((part, parts, name, entry))
+    plan, missing, misshaped = [], [], []
+    for param_name, param in params.items():
+        found = sorted(groups.get(param_name, []), key=lambda item: item[0])
+        if not found or len(found) != found[0][1]:
+            missing.append(param_name)
+            continue
+        row = 0
+        for _part, _parts, name, entry in found:
+            rows = entry.shape[0] if entry.shape else 1
+            target = param.data[row:row + rows] if len(found) > 1 else param.data
+            if tuple(target.shape) != entry.shape:
+                misshaped.append(f"{name}: checkpoint {list(entry.shape)}, model {list(target.shape)}")
+            else:
+                plan.append((name, target, entry))
+            row += rows
+        if len(found) > 1 and row != param.shape[0]:
+            misshaped.append(f"{param_name}: parts add up to {row} rows, model has {param.shape[0]}")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(_shorten(missing))}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(_shorten(unexpected))}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {'; '.join(_shorten(misshaped))}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model config: " + " | ".join(problems))
+    return plan
+
+
+def _shorten(items: list[str], limit: int = 12) -> list[str]:
+    return items if len(items) <= limit else [*items[:limit], f"... and {len(items) - limit} more"]
+
+
+def _ordered(plan: list[tuple[str, torch.Tensor, TensorEntry]]) -> Iterator[tuple[torch.Tensor, TensorEntry]]:
+    """File order, so reads stream through each shard front to back."""
+    for _name, target, entry in sorted(plan, key=lambda item: (str(item[2].path), item[2].start)):
+        yield target, entry
+
+
+def _read_into(target: torch.Tensor, entry: TensorEntry) -> None:
+    direct = target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous()
+    buffer = target if direct else torch.empty(entry.shape, dtype=entry.dtype)
+    view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if buffer.numel() else memoryview(b"")
+    with open(entry.path, "rb", buffering=0) as handle:
+        handle.seek(entry.start)
+        done = 0
+        while done < entry.nbytes:
+            count = handle.readinto(view[done:])
+            if not count:
+                raise CheckpointError(f"{entry.path}: truncated while reading (expected {entry.nbytes} bytes)")
+            done += count
+    if not direct:
+        target.copy_(buffer)
+
+
+def file_bytes(directory: os.PathLike) -> int:
+    """Total size of the weight files (for memory reports)."""
+    return sum(path.stat().st_size for path in checkpoint_files(pathlib.Path(directory)))

@@ -1,0 +1,118 @@
+"""Tiny random Qwen2-Audio checkpoints in the real Hugging Face layout, built at test time.
+
+transformers (the oracle) writes them, so their layout is the reference's, not ours.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import torch
+
+DATA = pathlib.Path(__file__).parent / "data"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris.",
+    "Detect the language and recognize the speech: <|en|> Generate the caption in English:",
+    "You are a helpful assistant. Audio 1: Audio 2: What does the person say? And this one?",
+    "今天天气很好，我们去公园散步吧。日本語のテキスト。 emoji 😀 🎉 code: def f(x): return x**2",
+    "system user assistant \n\n  tabs\t and spaces   numbers 0123456789 !?.,;:'\"()[]{}",
+]
+
+
+def build_tiny_tokenizer(directory: pathlib.Path, vocab_size: int = 400) -> int:
+    """Train a byte-level BPE with the Qwen2 pre-tokenizer; write vocab.json, merges.txt and
+    tokenizer_config.json with the six special tokens right after the vocabulary. Returns its size."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    from qwen2audio.text.tokenizer import QWEN2_SPLIT
+
+    tokenizer = Tokenizer(BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 3, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.model.save(str(directory))
+    size = tokenizer.get_vocab_size()
+    real = json.loads((DATA / "qwen2-tokenizer" / "tokenizer_config.json").read_text())
+    config = dict(real)
+    config["added_tokens_decoder"] = {
+        str(size + i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                        "single_word": False, "special": True}
+        for i, tok in enumerate(SPECIAL_TOKENS)
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+    return size
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """std ~0.1 weights so outputs depend on inputs (the default init is far too small)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * 0.1
+            param.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
+
+
+def build_checkpoint(
+    directory: pathlib.Path,
+    *,
+    kv_heads: int = 2,
+    tie: bool = False,
+    shard: str | None = None,
+    tokenizer_json: bool = False,
+    seed: int = 0,
+    real_vocab: bool = False,
+    hidden: int = 64,
+    layers: int = 2,
+) -> pathlib.Path:
+    """Save a tiny model + processor files in the real layout. GQA when kv_heads < 4."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    tok_dir = directory / "_tokenizer"
+    if real_vocab:
+        shutil.copytree(DATA / "qwen2-tokenizer", tok_dir)
+        base = 151643
+    else:
+        base = build_tiny_tokenizer(tok_dir)
+    config = Qwen2AudioConfig(
+        audio_config={"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 64,
+                      "num_mel_bins": 128, "max_source_positions": 1500},
+        text_config={"vocab_size": base + 16, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": kv_heads,
+                     "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                     "tie_word_embeddings": tie, "bos_token_id": base, "eos_token_id": base + 2},
+        audio_token_index=base + 3,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    _randomize(model, seed)
+    if tie:
+        model.tie_weights()
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(directory, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    processor = Qwen2AudioProcessor(WhisperFeatureExtractor(feature_size=128), tokenizer,
+                                    chat_template=tokenizer.chat_template)
+    processor.save_pretrained(directory)
+    if not tokenizer_json:
+        (directory / "tokenizer.json").unlink(missing_ok=True)
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+            shutil.copy(tok_dir / name, directory / name)
+    shutil.rmtree(tok_dir)
+    return directory
