@@ -103,7 +103,10 @@ def build_checkpoint(
     model = Qwen2AudioForConditionalGeneration(config)
     _randomize(model, seed)
     if tie:
-        model.tie_weights()
+        # transformers 5.15 keeps a separate lm_head even when the config ties it; making the two
+        # equal lets the oracle and a loader that honours the tie agree.
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.get_input_embeddings().weight)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(directory, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)

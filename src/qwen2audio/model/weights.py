@@ -176,17 +176,22 @@ def _plan(
         if not found or len(found) != found[0][1]:
             missing.append(param_name)
             continue
+        if len(found) == 1:
+            if tuple(param.shape) != found[0][3].shape:
+                misshaped.append(f"{found[0][2]}: checkpoint {list(found[0][3].shape)}, model {list(param.shape)}")
+            else:
+                plan.append((found[0][2], param.data, found[0][3]))
+            continue
+        # Fused parameter: the parts stack along dim 0 and must fill it exactly.
+        rows = sum(entry.shape[0] for *_, entry in found)
+        if rows != param.shape[0] or any(entry.shape[1:] != tuple(param.shape[1:]) for *_, entry in found):
+            parts = " + ".join(f"{name} {list(entry.shape)}" for _, _, name, entry in found)
+            misshaped.append(f"{parts}: checkpoint, model expects {list(param.shape)} in total ({param_name})")
+            continue
         row = 0
         for _part, _parts, name, entry in found:
-            rows = entry.shape[0] if entry.shape else 1
-            target = param.data[row:row + rows] if len(found) > 1 else param.data
-            if tuple(target.shape) != entry.shape:
-                misshaped.append(f"{name}: checkpoint {list(entry.shape)}, model {list(target.shape)}")
-            else:
-                plan.append((name, target, entry))
-            row += rows
-        if len(found) > 1 and row != param.shape[0]:
-            misshaped.append(f"{param_name}: parts add up to {row} rows, model has {param.shape[0]}")
+            plan.append((name, param.data[row:row + entry.shape[0]], entry))
+            row += entry.shape[0]
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(_shorten(missing))}")
