@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from checkpoints import build_checkpoint
 
 from qwen2audio import load_audio
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.errors import CheckpointError
+
+from checkpoints import build_checkpoint
 
 DATA = pathlib.Path(__file__).parent / "data"
 RNG = np.random.default_rng(7)
@@ -111,7 +112,7 @@ def test_base_model_raw_prompt(checkpoints):
 
 
 def test_multi_turn_voice_chat(checkpoints):
-    conv = user_turn(audio(SPEECH)) + [{"role": "assistant", "content": "It says the quick brown fox."}]
+    conv = [*user_turn(audio(SPEECH)), {"role": "assistant", "content": "It says the quick brown fox."}]
     conv += user_turn(text("And what about this one?"), audio(TONE))
     assert_parity(checkpoints["sharded"], [conv], [SPEECH, TONE])
 

@@ -72,7 +72,8 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     else:
         offset = k_len - q_len
-        allowed = torch.arange(k_len, device=q.device)[None, :] <= (offset + torch.arange(q_len, device=q.device))[:, None]
+        last_key = offset + torch.arange(q_len, device=q.device)  # [Lq] the last key each query may see
+        allowed = torch.arange(k_len, device=q.device)[None, :] <= last_key[:, None]  # [Lq, Lk]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
     return out.transpose(0, 1)  # [Lq, H, d]
 

@@ -43,9 +43,10 @@ _LAYOUT = [
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
 ]
 # Separate checkpoint matrices that the model keeps fused: (pattern, fused name, part index, parts).
+_DECODER_LAYER = r"^(language_model\.model\.layers\.\d+\."
 _FUSED = [
-    (re.compile(r"^(language_model\.model\.layers\.\d+\.self_attn)\.(q|k|v)_proj\.(weight|bias)$"), "qkv_proj", "qkv"),
-    (re.compile(r"^(language_model\.model\.layers\.\d+\.mlp)\.(gate|up)_proj\.(weight)$"), "gate_up_proj", ["gate", "up"]),
+    (re.compile(_DECODER_LAYER + r"self_attn)\.(q|k|v)_proj\.(weight|bias)$"), "qkv_proj", ["q", "k", "v"]),
+    (re.compile(_DECODER_LAYER + r"mlp)\.(gate|up)_proj\.(weight)$"), "gate_up_proj", ["gate", "up"]),
 ]
 
 
@@ -138,7 +139,7 @@ def _destination(name: str) -> tuple[str, int, int]:
         match = pattern.match(name)
         if match:
             prefix, part, kind = match.groups()
-            return f"{prefix}.{fused}.{kind}", list(parts).index(part), len(parts)
+            return f"{prefix}.{fused}.{kind}", parts.index(part), len(parts)
     return name, 0, 1
 
 
