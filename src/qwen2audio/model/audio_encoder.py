@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qwen2audio.config import AudioEncoderConfig
+from qwen2audio.model.layers import embedding
 
 
 class EncoderAttention(nn.Module):
@@ -72,7 +73,7 @@ class AudioEncoder(nn.Module):
         self.config = config
         self.conv1 = nn.Conv1d(config.num_mel_bins, config.d_model, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(config.d_model, config.d_model, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(config.max_source_positions, config.d_model)
+        self.embed_positions = embedding(config.max_source_positions, config.d_model)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 

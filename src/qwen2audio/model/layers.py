@@ -44,6 +44,12 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table without random initialisation: every table is filled from the checkpoint,
+    and initialising on the meta device would pull in torch's slow Python reference kernels."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [N, heads, head_dim], cos/sin [N, head_dim]."""
     half = x.shape[-1] // 2

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from qwen2audio.config import TextConfig
 from qwen2audio.model.attention import AttentionMetadata, KVCache, attention
-from qwen2audio.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from qwen2audio.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, embedding
 
 
 class Qwen2Attention(nn.Module):
@@ -75,7 +75,7 @@ class Qwen2Model(nn.Module):
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)

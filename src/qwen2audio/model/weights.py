@@ -152,9 +152,10 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
     params = dict(model.named_parameters())
     plan = _plan(params, entries, tied=getattr(model.config, "tie_word_embeddings", False))
     total = sum(entry.nbytes for _, _, entry in plan)
+    scratch = _Scratch()
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
         for target, entry in _ordered(plan):
-            _read_into(target, entry)
+            _read_into(target, entry, scratch)
             bar.update(entry.nbytes)
 
 
@@ -215,9 +216,23 @@ def _ordered(plan: list[tuple[str, torch.Tensor, TensorEntry]]) -> Iterator[tupl
         yield target, entry
 
 
-def _read_into(target: torch.Tensor, entry: TensorEntry) -> None:
+class _Scratch:
+    """One reusable host buffer for tensors that need a dtype change or a copy to the GPU: reusing
+    it avoids faulting in fresh pages for every tensor, and it is pinned when a GPU is the target."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, entry: TensorEntry, pin: bool) -> torch.Tensor:
+        if self._buffer.numel() < entry.nbytes:
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._buffer = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=pin)
+        return self._buffer[: entry.nbytes].view(entry.dtype).view(entry.shape)
+
+
+def _read_into(target: torch.Tensor, entry: TensorEntry, scratch: _Scratch) -> None:
     direct = target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous()
-    buffer = target if direct else torch.empty(entry.shape, dtype=entry.dtype)
+    buffer = target if direct else scratch.get(entry, pin=target.device.type == "cuda")
     view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if buffer.numel() else memoryview(b"")
     with open(entry.path, "rb", buffering=0) as handle:
         handle.seek(entry.start)
