@@ -61,6 +61,7 @@ class Prompt:
     audios: list[np.ndarray]
     offsets: list[int]
     digests: list[str]
+    lengths: list[int] = field(default_factory=list)  # audio tokens of each clip
 
     @property
     def num_tokens(self) -> int:
@@ -184,7 +185,7 @@ class Processor:
         if self.max_context is not None and len(ids) > self.max_context:
             raise PromptError(f"the prompt is {len(ids)} tokens, more than the model's context of {self.max_context}")
         digests = [hashlib.blake2b(s.tobytes(), digest_size=16).hexdigest() for s in samples]
-        return Prompt(ids, samples, [p.offset for p in placements], digests)
+        return Prompt(ids, samples, [p.offset for p in placements], digests, [p.length for p in placements])
 
     def _load(self, source: Any, where: str) -> np.ndarray:
         try:

@@ -30,6 +30,7 @@ DEFAULT_MAX_DURATION_S = 20 * 60.0
 # Clips of 320 samples (20 ms) or fewer at 16 kHz yield no audio token (SPEC.md section 4).
 MIN_SAMPLES_16K = 321
 
+_URLSAFE_B64 = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 
 
@@ -145,13 +146,17 @@ def _try_base64(text: str) -> bytes | None:
     if len(text) < 16:
         return None
     compact = "".join(text.split())
+    padded = compact + "=" * (-len(compact) % 4)
     try:
-        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        return base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
-        try:
-            return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
-        except (binascii.Error, ValueError):
-            return None
+        pass
+    if not _URLSAFE_B64.match(padded):  # urlsafe_b64decode would silently skip foreign characters
+        return None
+    try:
+        return base64.urlsafe_b64decode(padded)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _data_uri_bytes(uri: str, name: str) -> bytes:
