@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from qwen2audio.config import ModelConfig
-from qwen2audio.errors import CheckpointError
+from qwen2audio.engine.engine import Engine, EngineOptions
+from qwen2audio.engine.request import SamplingError, SamplingParams
+from qwen2audio.errors import CheckpointError, PromptError
 from qwen2audio.hub import resolve_checkpoint
 from qwen2audio.model.attention import AttentionMetadata
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
@@ -55,14 +59,108 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-class Qwen2Audio:
-    """A loaded Qwen2-Audio checkpoint with its processor."""
+@dataclass
+class Completion:
+    """A finished generation. ``token_ids`` include the end-of-sequence token when one stopped it."""
 
-    def __init__(self, network: Qwen2AudioForConditionalGeneration, processor: Processor, directory: Any) -> None:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class TextDelta(str):
+    """A piece of streamed text; the last one of a stream carries ``finish_reason``."""
+
+    finish_reason: str | None = None
+
+    def __new__(cls, text: str, finish_reason: str | None = None) -> TextDelta:
+        delta = super().__new__(cls, text)
+        delta.finish_reason = finish_reason
+        return delta
+
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+class Qwen2Audio:
+    """A loaded Qwen2-Audio checkpoint with its processor and (created on first use) its engine."""
+
+    def __init__(self, network: Qwen2AudioForConditionalGeneration, processor: Processor, directory: Any,
+                 engine_options: EngineOptions | None = None) -> None:
         self.network = network
         self.processor = processor
         self.config: ModelConfig = network.config
         self.directory = directory
+        self.engine_options = engine_options or EngineOptions()
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.network, self.processor, self.directory, self.engine_options)
+        return self._engine
+
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
+             params: SamplingParams | None = None, **sampling: Any) -> Completion | Iterator[TextDelta]:
+        """One reply to a conversation; ``stream=True`` yields text deltas as they are decoded."""
+        prompt = self.processor.prepare(messages)
+        request_id = self.engine.add_request(prompt, _params(params, sampling))
+        if stream:
+            return self._stream(request_id)
+        return self._collect([request_id])[0]
+
+    def generate(self, inputs: Any, audios: Sequence[Any] | None = None, *,
+                 params: SamplingParams | None = None, **sampling: Any) -> list[Completion]:
+        """Replies for many conversations or raw prompts at once (continuous batching)."""
+        items = _as_items(inputs)
+        pending = iter(list(audios or []))
+        prompts = [self.processor.prepare(item, pending) for item in items]
+        leftover = sum(1 for _ in pending)
+        if leftover:
+            raise PromptError(f"{leftover} audio(s) were given that no <|AUDIO|> placeholder takes")
+        sampling_params = _params(params, sampling)
+        ids = []
+        try:
+            for prompt in prompts:
+                ids.append(self.engine.add_request(prompt, sampling_params))
+        except Exception:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return self._collect(ids)
+
+    def _collect(self, request_ids: list[str]) -> list[Completion]:
+        parts: dict[str, list[str]] = {i: [] for i in request_ids}
+        tokens: dict[str, list[int]] = {i: [] for i in request_ids}
+        logprobs: dict[str, list] = {i: [] for i in request_ids}
+        done: dict[str, Completion] = {}
+        for output in self.engine.run(set(request_ids)):
+            parts[output.request_id].append(output.delta)
+            tokens[output.request_id].extend(output.token_ids)
+            logprobs[output.request_id].extend(output.logprobs)
+            if output.finished:
+                if output.error:
+                    raise RuntimeError(f"generation failed: {output.error}")
+                done[output.request_id] = Completion(
+                    "".join(parts[output.request_id]), tokens[output.request_id], output.finish_reason,
+                    output.prompt_tokens, output.completion_tokens, logprobs[output.request_id],
+                )
+        return [done[i] for i in request_ids]
+
+    def _stream(self, request_id: str) -> Iterator[TextDelta]:
+        for output in self.engine.run({request_id}):
+            if output.error:
+                raise RuntimeError(f"generation failed: {output.error}")
+            if output.delta or output.finished:
+                yield TextDelta(output.delta, output.finish_reason if output.finished else None)
 
     @property
     def device(self) -> torch.device:
@@ -79,6 +177,7 @@ class Qwen2Audio:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         progress: bool = True,
+        engine_options: EngineOptions | None = None,
         **processor_options: Any,
     ) -> Qwen2Audio:
         """Load from a local directory or a Hugging Face hub id (downloaded with huggingface_hub).
@@ -102,7 +201,7 @@ class Qwen2Audio:
             raise CheckpointError(
                 f"{directory}: tokenizer's <|AUDIO|> id {processor.audio_id} != config's {config.audio_token_id}"
             )
-        return cls(network, processor, directory)
+        return cls(network, processor, directory, engine_options)
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -114,12 +213,18 @@ class Qwen2Audio:
         lengths = [len(ids) for ids in batch.token_ids]
         input_ids = torch.tensor([t for ids in batch.token_ids for t in ids], dtype=torch.long, device=device)
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        audio = None
+        audio, audio_index = None, None
         if batch.window_tokens:
             audio = self.network.encode_audio(
                 batch.input_features.to(device), batch.feature_attention_mask.to(device), batch.window_tokens
             )
-        hidden = self.network(input_ids, positions, AttentionMetadata.prefill(lengths), None, audio)
+            starts = [sum(lengths[:row]) for row in range(len(lengths))]
+            audio_index = torch.tensor(
+                [starts[row] + span.offset + k for row, spans in enumerate(batch.audio_spans)
+                 for span in spans for k in range(span.length)], device=device,
+            )
+        meta = AttentionMetadata.prefill(lengths)
+        hidden = self.network(input_ids, positions, meta, None, audio, audio_index)
         flat = self.network.logits(hidden)  # [N, vocab]
         width = batch.input_ids.shape[1]
         out = torch.zeros(len(lengths), width, flat.shape[-1], dtype=flat.dtype, device=device)
@@ -128,3 +233,20 @@ class Qwen2Audio:
             out[row, width - n:] = flat[start:start + n]
             start += n
         return out
+
+
+def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
+    unknown = set(sampling) - SAMPLING_FIELDS
+    if unknown:
+        raise SamplingError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
+    if params is not None and sampling:
+        raise SamplingError("pass either params=SamplingParams(...) or keyword arguments, not both")
+    return params or SamplingParams(**sampling)
+
+
+def _as_items(inputs: Any) -> list[Any]:
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(m, dict) for m in inputs)):
+        return [inputs]
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        raise PromptError("inputs must be a conversation, a raw prompt, or a non-empty list of them")
+    return list(inputs)

@@ -26,7 +26,13 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
     slot_mapping: torch.Tensor | None = None  # [N] int64
-    block_tables: torch.Tensor | None = None  # [S, max_blocks] int32/int64
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] int64
+    num_prefills: int = -1  # leading sequences with several new tokens; the rest decode one each
+    decode_context_lens: torch.Tensor | None = None  # [S - num_prefills] on the device
+
+    def __post_init__(self) -> None:
+        if self.num_prefills < 0:
+            self.num_prefills = len(self.query_lens)
 
     @classmethod
     def prefill(cls, query_lens: list[int]) -> AttentionMetadata:
@@ -50,7 +56,8 @@ def attention(
         _write_cache(key, value, meta, cache)
     outputs = []
     start = 0
-    for index, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
+    for index in range(meta.num_prefills):
+        q_len, ctx_len = meta.query_lens[index], meta.context_lens[index]
         q = query[start:start + q_len]
         if cache is None:
             k, v = key[start:start + q_len], value[start:start + q_len]
@@ -58,7 +65,25 @@ def attention(
             k, v = _read_cache(cache, meta.block_tables[index], ctx_len)
         outputs.append(_causal_attention(q, k, v))
         start += q_len
+    if meta.num_prefills < len(meta.query_lens):
+        outputs.append(_decode_attention(query[start:], cache, meta))
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _decode_attention(query: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    """One new token per sequence, all sequences in one product: query [D, H, d] -> [D, H, d]."""
+    k_cache, v_cache = cache
+    block_size = k_cache.shape[1]
+    longest = max(meta.context_lens[meta.num_prefills:])
+    tables = meta.block_tables[meta.num_prefills:, : -(-longest // block_size)]  # [D, B]
+    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [D, KVH, B * block, d]
+    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    visible = torch.arange(keys.shape[2], device=query.device)[None, :] < meta.decode_context_lens[:, None]
+    out = F.scaled_dot_product_attention(
+        query[:, :, None, :], keys, values, attn_mask=visible[:, None, None, :],
+        enable_gqa=query.shape[1] != keys.shape[1],
+    )  # [D, H, 1, d]
+    return out[:, :, 0, :]
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -37,21 +37,22 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         kept = torch.cat([states[w, :n] for w, n in enumerate(window_tokens)])  # [A, d_audio]
         return self.multi_modal_projector(kept)
 
-    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> torch.Tensor:
-        """input_ids [N] -> [N, hidden]; the audio rows replace the <|AUDIO|> positions in order.
+    def embed(
+        self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None, audio_index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """input_ids [N] -> [N, hidden]; row k of audio_embeds [A, hidden] replaces row audio_index[k].
 
-        Without audio (every decode step) there is no check, so no host synchronisation."""
+        Positions come from the prompt's audio spans, not from matching the <|AUDIO|> id, so a
+        generated <|AUDIO|> token is just a token. The count check needs no host synchronisation."""
         embeds = self.language_model.model.embed_tokens(input_ids)
         if audio_embeds is None:
             return embeds
-        is_audio = input_ids == self.config.audio_token_id
-        expected = audio_embeds.shape[0]
-        found = int(is_audio.sum())  # one host sync per prefill, never per decoded token
-        if found != expected:
-            raise AudioTokenMismatchError(f"the prompt has {found} audio tokens but the encoder produced {expected}")
-        if expected:
-            embeds = embeds.masked_scatter(is_audio[:, None], audio_embeds.to(embeds.dtype))
-        return embeds
+        if audio_index is None or audio_index.shape[0] != audio_embeds.shape[0]:
+            found = None if audio_index is None else audio_index.shape[0]
+            raise AudioTokenMismatchError(
+                f"the prompt has {found} audio positions but the encoder produced {audio_embeds.shape[0]} rows"
+            )
+        return embeds.index_copy(0, audio_index, audio_embeds.to(embeds.dtype))
 
     def forward(
         self,
@@ -60,9 +61,11 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         meta: AttentionMetadata,
         caches: list[KVCache] | None = None,
         audio_embeds: torch.Tensor | None = None,
+        audio_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flattened tokens [N] -> final hidden states [N, hidden]."""
-        return self.language_model.model(self.embed(input_ids, audio_embeds), positions, meta, caches)
+        embeds = self.embed(input_ids, audio_embeds, audio_index)
+        return self.language_model.model(embeds, positions, meta, caches)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.logits(hidden)

@@ -1,0 +1,291 @@
+"""The engine: step() = schedule -> run -> sample -> update; a synchronous and an async front.
+
+Owns request bookkeeping (add, abort, finish, prefix-cache publishing) and turning sampled tokens
+into RequestOutputs. Every front end (Python API, CLI, server) goes through this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pathlib
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qwen2audio.engine.kv_cache import BlockManager, block_hashes, token_keys
+from qwen2audio.engine.request import Request, RequestOutput, SamplingParams
+from qwen2audio.engine.runner import ModelRunner
+from qwen2audio.engine.sampler import Sampler
+from qwen2audio.engine.scheduler import Scheduler
+from qwen2audio.errors import PromptError
+from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
+from qwen2audio.processor import Processor, Prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Capacity knobs; None picks from the device (see runner.default_kv_budget)."""
+
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    max_batch_tokens: int = 16384
+    max_running: int = 256
+    enable_prefix_cache: bool = True
+    encoder_cache_bytes: int = 512 * 2**20
+    seed: int = 0
+
+
+def generation_defaults(directory: pathlib.Path | None, processor: Processor) -> tuple[dict[str, Any], frozenset[int]]:
+    """Sampling defaults and end-of-sequence ids from generation_config.json (eos from the tokenizer
+    when the file has none)."""
+    config: dict[str, Any] = {}
+    path = pathlib.Path(directory) / "generation_config.json" if directory else None
+    if path is not None and path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+    defaults = {name: config.get(name) for name in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                    "repetition_penalty")}
+    if not config.get("do_sample", False):
+        defaults["temperature"] = 0.0
+    eos = config.get("eos_token_id", processor.tokenizer.eos_id)
+    eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
+    return defaults, eos_ids
+
+
+class Engine:
+    """Continuous batching over a paged KV cache. Not thread-safe: one thread calls step()."""
+
+    def __init__(
+        self,
+        network: Qwen2AudioForConditionalGeneration,
+        processor: Processor,
+        directory: pathlib.Path | None = None,
+        options: EngineOptions = EngineOptions(),
+    ) -> None:
+        self.processor = processor
+        self.options = options
+        self.runner = ModelRunner(network, processor.feature_extractor, options.block_size, options.kv_cache_bytes,
+                                  options.encoder_cache_bytes)
+        self.blocks = BlockManager(self.runner.num_blocks, options.block_size, options.enable_prefix_cache)
+        self.scheduler = Scheduler(self.blocks, self._hashes, options.max_batch_tokens, options.max_running)
+        self.sampler = Sampler(self.runner.device, options.seed)
+        self.defaults, self.eos_ids = generation_defaults(directory, processor)
+        self.max_context = network.config.text.max_position_embeddings
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a prepared prompt; returns its id. Bad parameters or an over-long prompt raise here."""
+        params = (params or SamplingParams()).with_defaults(self.defaults)
+        if prompt.num_tokens >= self.max_context:
+            raise PromptError(f"the prompt is {prompt.num_tokens} tokens; the model's context is {self.max_context}")
+        request = Request(
+            prompt, params, self.processor.tokenizer.detokenizer(params.stop, params.skip_special_tokens),
+            self.eos_ids, min(prompt.num_tokens + params.max_new_tokens, self.max_context),
+        )
+        if request_id is not None:
+            if request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            request.request_id = request_id
+        self.scheduler.add(request)
+        self.requests[request.request_id] = request
+        return request.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it was not running or waiting."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.finish(request)
+        self.sampler.forget(request_id)
+        request.finish_reason = request.finish_reason or "abort"
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; report what each scheduled request produced."""
+        scheduled = self.scheduler.schedule()
+        self.num_preemptions += len(scheduled.preempted)
+        if scheduled.empty:
+            return []
+        requests = [*scheduled.prefills, *scheduled.decodes]
+        try:
+            logits = self.runner.execute(scheduled)
+            result = self.sampler.sample(logits, requests)
+        except Exception as exc:  # a failing batch must not take the engine down with it
+            logger.exception("step failed; failing its %d request(s)", len(requests))
+            return [self._fail(request, f"{type(exc).__name__}: {exc}") for request in requests]
+        outputs = []
+        for index, (request, token, logprob) in enumerate(zip(requests, result.tokens, result.logprobs, strict=True)):
+            request.num_computed = request.num_tokens
+            if index < len(scheduled.prefills):
+                full = request.num_computed // self.blocks.block_size
+                self.blocks.publish(request.table, self._hashes(request)[:full])
+            delta = request.append(token)
+            if logprob is not None:
+                request.logprobs.append(logprob)
+            if request.finish_reason is not None:
+                self._retire(request)
+            outputs.append(self._output(request, delta, [token], [logprob] if logprob else []))
+        return outputs
+
+    def _hashes(self, request: Request) -> list[bytes]:
+        prompt = request.prompt
+        spans = list(zip(prompt.offsets, prompt.lengths, prompt.digests, strict=True))
+        return block_hashes(token_keys(request.all_ids, spans), self.blocks.block_size)
+
+    def _retire(self, request: Request) -> None:
+        full = (request.num_tokens - 1) // self.blocks.block_size  # the last token's KV was never computed
+        self.blocks.publish(request.table, self._hashes(request)[:full])
+        self.scheduler.finish(request)
+        self.sampler.forget(request.request_id)
+        self.requests.pop(request.request_id, None)
+
+    def _fail(self, request: Request, message: str) -> RequestOutput:
+        request.error, request.finish_reason = message, "error"
+        self.scheduler.finish(request)
+        self.sampler.forget(request.request_id)
+        self.requests.pop(request.request_id, None)
+        return self._output(request, "", [], [])
+
+    @staticmethod
+    def _output(request: Request, delta: str, tokens: list[int], logprobs: list) -> RequestOutput:
+        return RequestOutput(
+            request.request_id, delta, tokens, request.finish_reason is not None, request.finish_reason,
+            prompt_tokens=len(request.prompt.token_ids), completion_tokens=len(request.output_ids),
+            logprobs=logprobs, error=request.error,
+        )
+
+    def run(self, request_ids: set[str]) -> Iterator[RequestOutput]:
+        """Step until the given requests finish, yielding their outputs (others keep running too)."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                for output in self.step():
+                    if output.request_id in pending:
+                        yield output
+                        if output.finished:
+                            pending.discard(output.request_id)
+                if pending and not self.has_unfinished:
+                    raise RuntimeError(f"requests {sorted(pending)} vanished from the scheduler")
+        finally:
+            for request_id in pending:  # the caller stopped listening: free what they held
+                self.abort(request_id)
+
+
+class AsyncEngine:
+    """Runs an Engine's step loop on a background thread; coroutines submit, stream and abort.
+
+    All engine calls happen on the loop thread: submissions and aborts travel through a queue.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._loop, name="qwen2audio-engine", daemon=True)
+        self._stopped = threading.Event()
+        self.error: BaseException | None = None
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the loop early (or cancellation) aborts it."""
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        accepted: asyncio.Future = loop.create_future()
+        self._commands.put(("add", prompt, params, request_id, loop, stream, accepted))
+        request_id = await accepted  # raises the engine's validation error, if any
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                if isinstance(output, BaseException):
+                    raise output
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopped.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain(block=not self.engine.has_unfinished)
+                if self.engine.has_unfinished:
+                    with torch.inference_mode():
+                        outputs = self.engine.step()
+                    for output in outputs:
+                        self._deliver(output.request_id, output, final=output.finished)
+        except BaseException as exc:  # reported to every waiting stream, then re-raised
+            self.error = exc
+            logger.exception("engine loop died")
+            for request_id in list(self._streams):
+                self._deliver(request_id, RuntimeError(f"engine failed: {exc}"), final=True)
+            raise
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, prompt, params, request_id, loop, stream, accepted = command
+            try:
+                request_id = self.engine.add_request(prompt, params, request_id)
+            except Exception as exc:  # validation errors go back to the caller
+                loop.call_soon_threadsafe(_resolve, accepted, None, exc)
+                return
+            self._streams[request_id] = (loop, stream)
+            loop.call_soon_threadsafe(_resolve, accepted, request_id, None)
+        elif command[0] == "abort":
+            self.engine.abort(command[1])
+            self._streams.pop(command[1], None)
+
+    def _deliver(self, request_id: str, item: Any, final: bool) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        if final:
+            self._streams.pop(request_id, None)
+        loop, stream = target
+        loop.call_soon_threadsafe(stream.put_nowait, item)
+
+
+def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)

@@ -1,0 +1,175 @@
+"""Owns the network, the KV cache tensors and the encoder-output cache; runs one scheduled step.
+
+Turns a ScheduledStep into flattened model inputs (token ids, positions, slot mapping, block
+tables), runs the audio encoder for clips not already cached, and returns the last-token logits of
+every scheduled request. Speed tricks (CUDA graphs, compiled kernels) belong here, behind a switch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from qwen2audio.audio.features import FeatureExtractor
+from qwen2audio.engine.request import Request
+from qwen2audio.engine.scheduler import ScheduledStep
+from qwen2audio.model.attention import AttentionMetadata, KVCache
+from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(network: Qwen2AudioForConditionalGeneration, block_size: int, dtype: torch.dtype) -> int:
+    text = network.config.text
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim * element
+
+
+def default_kv_budget(device: torch.device, per_token: int, max_context: int, memory_fraction: float = 0.9) -> int:
+    """GPU: a fraction of the device memory left after the weights (and 1 GiB for activations).
+    CPU: room for four full contexts, at most 4 GiB (a host has other users)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return max(int(total * memory_fraction) - (total - free) - 2**30, 0)
+    return min(4 * max_context * per_token, 4 * 2**30)
+
+
+class EncoderCache:
+    """Projected audio embeddings by clip digest, least recently used evicted past a byte budget,
+    so a multi-turn chat does not encode the same clip twice."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, digest: str) -> torch.Tensor | None:
+        value = self._entries.get(digest)
+        if value is not None:
+            self._entries.move_to_end(digest)
+            self.hits += 1
+        return value
+
+    def put(self, digest: str, value: torch.Tensor) -> None:
+        if digest in self._entries:
+            return
+        self._entries[digest] = value
+        self._bytes += value.numel() * value.element_size()
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        network: Qwen2AudioForConditionalGeneration,
+        features: FeatureExtractor,
+        block_size: int = 16,
+        kv_cache_bytes: int | None = None,
+        encoder_cache_bytes: int = 512 * 2**20,
+    ) -> None:
+        self.network = network
+        self.features = features
+        self.block_size = block_size
+        weight = network.language_model.model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        text = network.config.text
+        per_block = kv_bytes_per_block(network, block_size, self.dtype)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(
+            self.device, per_block // block_size, text.max_position_embeddings)
+        self.num_blocks = max(budget // per_block, 1)
+        shape = (self.num_blocks, block_size, text.num_key_value_heads, text.head_dim)
+        self.caches: list[KVCache] = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(text.num_hidden_layers)
+        ]
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, block_size,
+                    self.num_blocks * per_block / 2**30)
+
+    @torch.inference_mode()
+    def execute(self, step: ScheduledStep) -> torch.Tensor:
+        """Logits [S, vocab] (float32) for step.prefills + step.decodes, in that order."""
+        requests = [*step.prefills, *step.decodes]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        for index, request in enumerate(requests):
+            start = request.num_computed if index < len(step.prefills) else request.num_tokens - 1
+            span = range(start, request.num_tokens)
+            ids.extend(request.all_ids[start:])
+            positions.extend(span)
+            blocks = request.table.blocks
+            slots.extend(blocks[p // self.block_size] * self.block_size + p % self.block_size for p in span)
+            query_lens.append(len(span))
+        audio, audio_index = self._audio_inputs(step.prefills, query_lens)
+        meta = self._metadata(requests, query_lens, slots, len(step.prefills))
+        device = self.device
+        hidden = self.network(
+            torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta, self.caches,
+            audio, audio_index,
+        )
+        last = torch.tensor(query_lens, device=device).cumsum(0) - 1  # [S] each request's last row
+        return self.network.logits(hidden[last])
+
+    def _metadata(
+        self, requests: Sequence[Request], query_lens: list[int], slots: list[int], num_prefills: int
+    ) -> AttentionMetadata:
+        width = max(len(r.table.blocks) for r in requests)
+        tables = torch.tensor([r.table.blocks + [0] * (width - len(r.table.blocks)) for r in requests],
+                              dtype=torch.long, device=self.device)  # [S, width]
+        context = [r.num_tokens for r in requests]
+        return AttentionMetadata(
+            query_lens, context, torch.tensor(slots, dtype=torch.long, device=self.device), tables,
+            num_prefills, torch.tensor(context[num_prefills:], device=self.device),
+        )
+
+    def _audio_inputs(
+        self, prefills: Sequence[Request], query_lens: list[int]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Embeddings of the audio tokens this step computes, and their rows in the flattened batch."""
+        needed = [(r, k) for r in prefills for k in range(len(r.prompt.audios))]
+        if not needed:
+            return None, None
+        embeds = self._encode([(r.prompt.digests[k], r.prompt.audios[k]) for r, k in needed])
+        chunks, index = [], []
+        row_start = 0
+        for request, q_len in zip(prefills, query_lens, strict=False):
+            first = request.num_computed
+            for k, offset in enumerate(request.prompt.offsets):
+                clip = embeds[request.prompt.digests[k]]
+                lo, hi = max(offset, first), min(offset + clip.shape[0], first + q_len)
+                if lo < hi:
+                    chunks.append(clip[lo - offset:hi - offset])
+                    index.extend(range(row_start + lo - first, row_start + hi - first))
+            row_start += q_len
+        if not chunks:
+            return None, None
+        return torch.cat(chunks), torch.tensor(index, dtype=torch.long, device=self.device)
+
+    def _encode(self, clips: Sequence[tuple[str, object]]) -> dict[str, torch.Tensor]:
+        """Embeddings per digest: cached ones reused, the rest encoded in one batch over their windows."""
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, object] = {}
+        for digest, samples in clips:
+            cached = self.encoder_cache.get(digest)
+            if cached is not None:
+                found[digest] = cached
+            elif digest not in missing:
+                missing[digest] = samples
+        if missing:
+            self.encoder_cache.misses += len(missing)
+            feats = self.features(list(missing.values()), device=self.device)
+            rows = self.network.encode_audio(feats.input_features, feats.feature_attention_mask, feats.window_tokens)
+            for digest, clip_rows in zip(missing, rows.split(feats.token_counts), strict=True):
+                found[digest] = clip_rows
+                self.encoder_cache.put(digest, clip_rows)
+        return found

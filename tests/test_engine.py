@@ -1,0 +1,272 @@
+"""The engine against transformers' generate, batching invariance, sampling, caches, aborts."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from qwen2audio import load_audio
+from qwen2audio.api import Qwen2Audio
+from qwen2audio.engine.engine import AsyncEngine, Engine, EngineOptions
+from qwen2audio.engine.request import SamplingError, SamplingParams
+from qwen2audio.errors import PromptError
+
+from checkpoints import build_checkpoint
+
+DATA = pathlib.Path(__file__).parent / "data"
+RNG = np.random.default_rng(11)
+SPEECH = load_audio(DATA / "speech_en_16k.wav")
+TONE = load_audio(DATA / "tone_440hz_3s.wav")
+CLIPS = {seconds: (RNG.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+         for seconds in (0.5, 3, 4, 7, 9, 12, 15, 30)}
+NEW_TOKENS = 24
+
+
+def conv(*parts, history=()):
+    return [*history, {"role": "user", "content": list(parts)}]
+
+
+def audio(samples):
+    return {"type": "audio", "audio": samples}
+
+
+def text(value):
+    return {"type": "text", "text": value}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("engine") / "ckpt", kv_heads=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return Qwen2Audio.from_pretrained(checkpoint, progress=False)
+
+
+def fresh_engine(model, **options):
+    return Engine(model.network, model.processor, model.directory, EngineOptions(**options))
+
+
+def run(engine, items, params, audios=()):
+    pending = iter(list(audios))
+    ids = [engine.add_request(engine.processor.prepare(item, pending), params) for item in items]
+    tokens = {i: [] for i in ids}
+    for output in engine.run(set(ids)):
+        tokens[output.request_id].extend(output.token_ids)
+    return [tokens[i] for i in ids]
+
+
+def oracle_generate(checkpoint, items, audios):
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    hf = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor.tokenizer.padding_side = "left"
+    texts = [item if isinstance(item, str) else
+             processor.apply_chat_template(item, add_generation_prompt=True, tokenize=False) for item in items]
+    kwargs = {"audio": list(audios), "sampling_rate": 16000} if audios else {}
+    inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    eos = hf.generation_config.eos_token_id
+    rows = []
+    for row in out[:, inputs.input_ids.shape[1]:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+PARITY_CASES = {
+    "one_clip": ([conv(audio(SPEECH), text("What does the person say?"))], [SPEECH], []),
+    "two_clips": ([conv(audio(SPEECH), audio(TONE), text("Compare them."))], [SPEECH, TONE], []),
+    "batch_of_three": ([conv(audio(CLIPS[s]), text("Describe it.")) for s in (0.5, 7, 30)],
+                       [CLIPS[0.5], CLIPS[7], CLIPS[30]], []),
+    "text_only": ([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]], [], []),
+    "raw_prompts": (["<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:",
+                     "<|AUDIO|>Detect the language"], [TONE, SPEECH], [TONE, SPEECH]),
+}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_greedy_tokens_equal_transformers_generate(checkpoint, model, case):
+    items, oracle_audios, our_audios = PARITY_CASES[case]
+    expected = oracle_generate(checkpoint, items, oracle_audios)
+    got = run(fresh_engine(model), items, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0), our_audios)
+    assert got == expected
+    assert len({t for row in expected for t in row}) > 3  # the random model's replies are not one token repeated
+
+
+def staggered(engine, target, others, params):
+    """Add `others` a few at a time between steps, with the target arriving in the middle."""
+    target_id, tokens = None, []
+
+    def step():
+        for output in engine.step():
+            if output.request_id == target_id:
+                tokens.extend(output.token_ids)
+
+    for group in [others[:3], [target], others[3:5], [], others[5:]]:
+        for item in group:
+            request_id = engine.add_request(engine.processor.prepare(item), params)
+            target_id = request_id if item is target else target_id
+        step()
+        step()
+    while engine.has_unfinished:
+        step()
+    return tokens
+
+
+def others():
+    lengths = (3, 4, 9, 12, 15, 0.5, 30)
+    return [conv(audio(CLIPS[s]), text(f"Question {k}: what is in clip {k}?")) for k, s in enumerate(lengths)]
+
+
+def test_same_tokens_alone_and_among_seven_staggered_requests(model):
+    target = conv(audio(CLIPS[7]), text("What does the person say?"))
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0)
+    alone = run(fresh_engine(model), [target], params)[0]
+    together = staggered(fresh_engine(model), target, others(), params)
+    assert together == alone and len(alone) == NEW_TOKENS
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    target = conv(audio(TONE), text("Describe the sound."))
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    first = run(fresh_engine(model), [target], params)[0]
+    again = run(fresh_engine(model), [target], params)[0]
+    together = staggered(fresh_engine(model), target, others(),
+                         SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.9, top_k=50, top_p=0.95, seed=1234))
+    other_seed = run(fresh_engine(model), [target], SamplingParams(
+        max_new_tokens=NEW_TOKENS, temperature=0.9, top_k=50, top_p=0.95, seed=99))[0]
+    greedy = run(fresh_engine(model), [target], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0))[0]
+    assert first == again == together
+    assert first != other_seed and first != greedy
+
+
+def test_preemption_then_resume_gives_the_same_tokens(model):
+    items = [conv(audio(CLIPS[s]), text("Describe it in detail.")) for s in (3, 4, 9, 12)]
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    roomy = run(fresh_engine(model), items, params)
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 tokens, 2 kv heads, head dim 16, fp32
+    prompt_blocks = sum(-(-model.processor.prepare(item).num_tokens // 16) for item in items)
+    # Every prompt fits at once, but the replies outgrow the cache: someone must be preempted.
+    tight = fresh_engine(model, kv_cache_bytes=per_block * (prompt_blocks + 3))
+    assert run(tight, items, params) == roomy
+    assert tight.num_preemptions > 0
+    assert tight.blocks.num_free == tight.blocks.num_blocks
+
+
+def test_abort_frees_blocks_at_once(model):
+    engine = fresh_engine(model)
+    request_id = engine.add_request(engine.processor.prepare(conv(audio(CLIPS[12]), text("Go on."))),
+                                    SamplingParams(max_new_tokens=100, temperature=0))
+    engine.step()
+    assert engine.blocks.num_free < engine.blocks.num_blocks
+    assert engine.abort(request_id)
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_unfinished
+    assert not engine.abort(request_id)
+
+
+def test_multi_turn_reuses_encoder_output_and_prefix_blocks(model):
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    first_turn = conv(audio(SPEECH), text("What does the person say?"))
+    engine = fresh_engine(model)
+    reply = model.processor.tokenizer.decode(run(engine, [first_turn], params)[0])
+    second_turn = conv(text("Say it again, slower."),
+                       history=[*first_turn, {"role": "assistant", "content": reply}])
+    misses = engine.runner.encoder_cache.misses
+    request_id = engine.add_request(engine.processor.prepare(second_turn), params)
+    engine.step()
+    request = engine.requests[request_id]
+    assert request.table.cached_tokens >= 160  # the clip's 160 tokens came from the first turn's blocks
+    assert engine.runner.encoder_cache.misses == misses
+    cached = [request.output_ids[0]] + [t for o in engine.run({request_id}) for t in o.token_ids]
+    cold = run(fresh_engine(model, enable_prefix_cache=False), [second_turn], params)[0]
+    assert cached == cold
+
+
+def test_api_streaming_stop_strings_limits_and_logprobs(checkpoint, model):
+    conversation = conv(audio(TONE), text("Describe the sound."))
+    full = model.chat(conversation, max_new_tokens=NEW_TOKENS, temperature=0)
+    assert full.finish_reason == "length" and len(full.token_ids) == NEW_TOKENS
+    assert full.usage["completion_tokens"] == NEW_TOKENS
+    deltas = list(model.chat(conversation, stream=True, max_new_tokens=NEW_TOKENS, temperature=0))
+    assert "".join(deltas) == full.text and deltas[-1].finish_reason == "length"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+    stop = full.text[len(full.text) // 3: len(full.text) // 3 + 2]
+    stopped = model.chat(conversation, max_new_tokens=NEW_TOKENS, temperature=0, stop=[stop])
+    assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.index(stop)]
+
+    third = full.token_ids[2]
+    cut = model.chat(conversation, max_new_tokens=NEW_TOKENS, temperature=0, stop_token_ids=[third])
+    assert cut.token_ids == full.token_ids[: full.token_ids.index(third) + 1] and cut.finish_reason == "stop"
+    held = model.chat(conversation, max_new_tokens=NEW_TOKENS, temperature=0, stop_token_ids=[third],
+                      min_new_tokens=6)
+    assert third not in held.token_ids[:5] and len(held.token_ids) >= 6
+
+    with_logprobs = model.chat(conversation, max_new_tokens=2, temperature=0, logprobs=3)
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    hf = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    inputs = processor(text=processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
+                       audio=[TONE], sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        expected = hf(**inputs).logits[0, -1].log_softmax(-1)
+    first = with_logprobs.logprobs[0]
+    assert first["token_id"] == full.token_ids[0] == int(expected.argmax())
+    assert abs(first["logprob"] - float(expected.max())) < 1e-4
+    assert [t for t, _ in first["top"]] == expected.topk(3).indices.tolist()
+
+
+def test_bad_requests_fail_clearly_and_the_engine_goes_on(model):
+    conversation = conv(text("Hello"))
+    with pytest.raises(SamplingError, match="temperature must be in"):
+        model.chat(conversation, temperature=-1)
+    with pytest.raises(SamplingError, match="top_p must be in"):
+        model.chat(conversation, top_p=0)
+    with pytest.raises(SamplingError, match=r"unknown sampling argument.*max_tokens"):
+        model.chat(conversation, max_tokens=3)
+    long_prompt = "word " * 5000
+    with pytest.raises(PromptError, match="context"):
+        model.generate([long_prompt])
+    assert model.chat(conversation, max_new_tokens=3, temperature=0).completion_tokens == 3
+
+
+def test_async_engine_streams_concurrent_requests_and_aborts(model):
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0)
+    items = [conv(audio(CLIPS[s]), text("Describe it.")) for s in (3, 9, 15)]
+    expected = run(fresh_engine(model), items, params)
+    engine = fresh_engine(model)
+    server = AsyncEngine(engine)
+
+    async def collect(item):
+        tokens = []
+        async for output in server.generate(engine.processor.prepare(item), params):
+            tokens.extend(output.token_ids)
+        return tokens
+
+    async def abandon(item):
+        async for _ in server.generate(engine.processor.prepare(item), SamplingParams(max_new_tokens=500)):
+            break
+
+    async def main():
+        results = await asyncio.gather(*(collect(item) for item in items), abandon(items[0]))
+        for _ in range(100):
+            if not engine.has_unfinished:
+                break
+            await asyncio.sleep(0.05)
+        return results[:3]
+
+    try:
+        assert asyncio.run(main()) == expected
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        server.shutdown()
