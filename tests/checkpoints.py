@@ -58,7 +58,10 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * 0.1
+            # The projector's output lands beside text embeddings of std 0.1: keep it on that scale,
+            # or the audio swamps the prompt and every reply repeats one token.
+            scale = 0.02 if "multi_modal_projector" in name else (0.5 if "embed_tokens" in name else 0.1)
+            noise = torch.randn(param.shape, generator=generator) * scale
             param.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
 
 
@@ -73,8 +76,13 @@ def build_checkpoint(
     real_vocab: bool = False,
     hidden: int = 64,
     layers: int = 2,
+    text_dims: dict | None = None,
+    audio_dims: dict | None = None,
+    randomize: bool = True,
 ) -> pathlib.Path:
-    """Save a tiny model + processor files in the real layout. GQA when kv_heads < 4."""
+    """Save a tiny model + processor files in the real layout. GQA when kv_heads < 4.
+
+    ``text_dims`` / ``audio_dims`` override the sub-configs (benchmarks use mid-size models)."""
     from transformers import (
         AutoTokenizer,
         Qwen2AudioConfig,
@@ -89,19 +97,22 @@ def build_checkpoint(
         base = 151643
     else:
         base = build_tiny_tokenizer(tok_dir)
+    audio_config = {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 64,
+                    "num_mel_bins": 128, "max_source_positions": 1500, **(audio_dims or {})}
+    text_config = {"vocab_size": base + 16, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                   "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": kv_heads,
+                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                   "tie_word_embeddings": tie, "bos_token_id": base, "eos_token_id": base + 2, **(text_dims or {})}
     config = Qwen2AudioConfig(
-        audio_config={"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 64,
-                      "num_mel_bins": 128, "max_source_positions": 1500},
-        text_config={"vocab_size": base + 16, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-                     "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": kv_heads,
-                     "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                     "tie_word_embeddings": tie, "bos_token_id": base, "eos_token_id": base + 2},
+        audio_config=audio_config,
+        text_config=text_config,
         audio_token_index=base + 3,
         tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
-    _randomize(model, seed)
+    if randomize:
+        _randomize(model, seed)
     if tie:
         # transformers 5.15 keeps a separate lm_head even when the config ties it; making the two
         # equal lets the oracle and a loader that honours the tie agree.

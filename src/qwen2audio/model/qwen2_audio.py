@@ -33,7 +33,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         self, features: torch.Tensor, frame_mask: torch.Tensor, window_tokens: Sequence[int]
     ) -> torch.Tensor:
         """Windows [W, n_mels, frames] -> audio embeddings [sum(window_tokens), hidden], in window order."""
-        states = self.audio_tower(features, frame_mask)  # [W, frames // 4, d_audio]
+        states = self.audio_tower(features, frame_mask, max(window_tokens))  # [W, P // 2, d_audio]
         kept = torch.cat([states[w, :n] for w, n in enumerate(window_tokens)])  # [A, d_audio]
         return self.multi_modal_projector(kept)
 
