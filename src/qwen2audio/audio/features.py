@@ -143,37 +143,37 @@ class FeatureExtractor:
             empty = torch.zeros(0, cfg.feature_size, cfg.nb_max_frames)
             return AudioFeatures(empty, torch.zeros(0, cfg.nb_max_frames, dtype=torch.long), counts, [])
         device = torch.device(device) if device is not None else torch.device("cpu")
-        batch = np.zeros((len(windows), max(lengths)), dtype=np.float32)  # [W, max_len]
-        for row, window in enumerate(windows):
-            batch[row, : len(window)] = window
-        features = self.log_mel(torch.from_numpy(batch).to(device), lengths)
+        features = self.log_mel([torch.as_tensor(w) for w in windows], device)
         frames = torch.tensor([frame_count(n, cfg) for n in lengths], device=device)
         mask = (torch.arange(cfg.nb_max_frames, device=device)[None, :] < frames[:, None]).long()  # [W, frames]
         tokens = [audio_token_count(frame_count(n, cfg)) for n in lengths]
         return AudioFeatures(features, mask, counts, tokens)
 
-    def log_mel(self, waveforms: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        """Log-mel of zero-padded windows: waveforms [W, N <= n_samples] -> [W, n_mels, nb_max_frames]."""
+    def log_mel(self, windows: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Log-mel of windows of at most one window's samples each -> [W, n_mels, nb_max_frames]."""
         cfg = self.config
-        out = torch.empty(waveforms.shape[0], cfg.feature_size, cfg.nb_max_frames, device=waveforms.device)
+        out = torch.empty(len(windows), cfg.feature_size, cfg.nb_max_frames, device=device)
         # A few windows at a time keep the FFT's intermediates in cache; on a GPU one batch is best.
-        step = waveforms.shape[0] if waveforms.device.type == "cuda" else 2
-        for start in range(0, waveforms.shape[0], step):
-            stop = start + step
-            out[start:stop] = self._log_mel_chunk(waveforms[start:stop], max(lengths[start:stop]))
+        step = len(windows) if device.type == "cuda" else 2
+        for start in range(0, len(windows), step):
+            self._log_mel_chunk(windows[start:start + step], out[start:start + step])
         return out
 
-    def _log_mel_chunk(self, waveforms: torch.Tensor, longest: int) -> torch.Tensor:
+    def _log_mel_chunk(self, windows: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        """Fill out [w, n_mels, n_frames] for a few windows."""
         cfg = self.config
-        mel, window = self._on(waveforms.device)
+        device = out.device
+        mel, window = self._on(device)
         half, hop, n_frames = cfg.n_fft // 2, cfg.hop_length, cfg.nb_max_frames
         # Frame t spans samples [t*hop - half, t*hop + half): past the audio it is all zeros.
+        longest = min(max(len(w) for w in windows), cfg.n_samples)
         live = min(n_frames, -(-(longest + half) // hop))
         extent = (live - 1) * hop + cfg.n_fft
         # The zero-padded window, centred as torch.stft does: `half` reflected samples on each side.
-        padded = torch.zeros(waveforms.shape[0], extent, device=waveforms.device)  # [w, extent]
-        usable = min(waveforms.shape[1], cfg.n_samples, extent - half)
-        padded[:, half:half + usable] = waveforms[:, :usable]
+        padded = torch.zeros(len(windows), extent, device=device)  # [w, extent]
+        for row, samples in enumerate(windows):
+            usable = min(len(samples), cfg.n_samples, extent - half)
+            padded[row, half:half + usable] = samples[:usable].to(device, non_blocking=True)
         padded[:, :half] = padded[:, half + 1:2 * half + 1].flip(-1)
         end = half + cfg.n_samples
         if extent > end:  # the last frames reach past the window: reflect its (zero-padded) end
@@ -184,13 +184,11 @@ class FeatureExtractor:
         log_spec = self._apply_mel(power, mel).clamp_(min=1e-10).log10_()  # [w, n_mels, live]
         peak = log_spec.amax(dim=(1, 2))  # [w]
         if live < n_frames:
-            silent = torch.tensor(1e-10, device=waveforms.device).log10()
+            silent = torch.tensor(1e-10, device=device).log10()
             peak = torch.maximum(peak, silent)
-            full = silent.expand(waveforms.shape[0], cfg.feature_size, n_frames).clone()
-            full[:, :, :live] = log_spec
-            log_spec = full  # [w, n_mels, n_frames]
-        log_spec = torch.maximum(log_spec, (peak - 8.0)[:, None, None])
-        return (log_spec + 4.0) / 4.0  # [w, n_mels, n_frames]
+            out[:, :, live:] = torch.maximum(silent, peak - 8.0)[:, None, None]
+        torch.maximum(log_spec, (peak - 8.0)[:, None, None], out=out[:, :, :live])
+        out.add_(4.0).div_(4.0)
 
     @staticmethod
     def _apply_mel(power: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:

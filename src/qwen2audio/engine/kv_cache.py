@@ -121,7 +121,8 @@ class BlockManager:
             self._block_of[digest] = block
 
     def free(self, table: BlockTable) -> None:
-        """Drop the table's references; unreferenced blocks become reusable (last blocks evicted last)."""
+        """Drop the table's references; unreferenced blocks become reusable. The tail is released
+        first, so it is evicted before the head, which other prompts are likelier to share."""
         for block in reversed(table.blocks):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] < 0:

@@ -40,8 +40,8 @@ class SamplingParams:
 
     def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
         """Fill unset fields from generation defaults, then validate."""
-        filled = {name: defaults[name] for name in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                                    "repetition_penalty") if getattr(self, name) is None}
+        filled = {name: defaults.get(name) for name in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                        "repetition_penalty") if getattr(self, name) is None}
         params = replace(self, **filled)
         params = replace(
             params,

@@ -44,10 +44,13 @@ class Scheduler:
         self.running: list[Request] = []
 
     def add(self, request: Request) -> None:
-        needed = self.blocks.blocks_needed(request.max_total_tokens)
-        if request.num_tokens > self.max_batch_tokens or needed > self.blocks.num_blocks:
+        # The last token's keys are never computed; a preempted request recomputes all the others
+        # in one prefill, so that many must fit one step.
+        longest = request.max_total_tokens - 1
+        needed = self.blocks.blocks_needed(longest)
+        if longest > self.max_batch_tokens or needed > self.blocks.num_blocks:
             raise ValueError(
-                f"request {request.request_id} needs {request.num_tokens} prompt tokens / {needed} KV blocks; "
+                f"request {request.request_id} may need {longest} tokens in one step / {needed} KV blocks; "
                 f"the engine allows {self.max_batch_tokens} tokens per step and has {self.blocks.num_blocks} blocks"
             )
         self.waiting.append(request)
