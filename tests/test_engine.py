@@ -270,3 +270,17 @@ def test_async_engine_streams_concurrent_requests_and_aborts(model):
         assert engine.blocks.num_free == engine.blocks.num_blocks
     finally:
         server.shutdown()
+
+
+def test_onednn_linears_agree_with_plain_torch(checkpoint, model):
+    items = [conv(audio(CLIPS[s]), text("Describe it.")) for s in (0.5, 9)]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0)
+    plain = Qwen2Audio.from_pretrained(checkpoint, progress=False)
+    plain_engine = fresh_engine(plain, cpu_onednn=False)
+    assert type(plain.network.language_model.lm_head) is torch.nn.Linear
+    fast_engine = fresh_engine(model)
+    assert type(model.network.language_model.lm_head).__name__ == "MkldnnLinear"
+    assert run(fast_engine, items, params) == run(plain_engine, items, params)
+    batch = plain.processor(items)
+    reference, fast = plain.logits(batch), model.logits(batch)
+    assert ((fast - reference).abs().max() / reference.abs().max()).item() < 1e-5

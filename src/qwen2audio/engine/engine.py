@@ -41,6 +41,7 @@ class EngineOptions:
     enable_prefix_cache: bool = True
     encoder_cache_bytes: int = 512 * 2**20
     seed: int = 0
+    cpu_onednn: bool = True  # oneDNN linear layers on the CPU (False: plain torch.nn.Linear)
 
 
 def generation_defaults(directory: pathlib.Path | None, processor: Processor) -> tuple[dict[str, Any], frozenset[int]]:
@@ -72,7 +73,7 @@ class Engine:
         self.processor = processor
         self.options = options
         self.runner = ModelRunner(network, processor.feature_extractor, options.block_size, options.kv_cache_bytes,
-                                  options.encoder_cache_bytes)
+                                  options.encoder_cache_bytes, options.cpu_onednn)
         self.blocks = BlockManager(self.runner.num_blocks, options.block_size, options.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, self._hashes, options.max_batch_tokens, options.max_running)
         self.sampler = Sampler(self.runner.device, options.seed)
