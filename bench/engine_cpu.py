@@ -76,6 +76,8 @@ def main() -> None:
         run_ours(ours, convs[:1], 2)
         theirs, mine = [], []
         for _ in range(args.repeats):
+            # Fresh clips every time: our encoder and prefix caches must not see a repeat.
+            convs, clips = conversations(seconds, rng)
             theirs.append(run_transformers(hf, processor, convs, clips, args.new_tokens))
             mine.append(run_ours(ours, convs, args.new_tokens))
         t, m = statistics.median(theirs), statistics.median(mine)

@@ -154,7 +154,7 @@ class FeatureExtractor:
         cfg = self.config
         out = torch.empty(len(windows), cfg.feature_size, cfg.nb_max_frames, device=device)
         # A few windows at a time keep the FFT's intermediates in cache; on a GPU one batch is best.
-        step = len(windows) if device.type == "cuda" else 2
+        step = len(windows) if device.type == "cuda" else 4
         for start in range(0, len(windows), step):
             self._log_mel_chunk(windows[start:start + step], out[start:start + step])
         return out
