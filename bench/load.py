@@ -25,6 +25,7 @@ import torch
 which, directory, dtype = sys.argv[1:4]
 if which == "transformers":
     from transformers import Qwen2AudioForConditionalGeneration as M
+    import transformers.models.qwen2_audio.processing_qwen2_audio
 else:
     from qwen2audio.api import Qwen2Audio as M
 def rss_kb():
@@ -33,8 +34,10 @@ def rss_kb():
             return int(line.split()[1])
 before = rss_kb()
 start = time.perf_counter()
-if which == "transformers":
+if which == "transformers":  # users load the processor too, as our from_pretrained does
+    from transformers import AutoProcessor
     model = M.from_pretrained(directory, dtype=getattr(torch, dtype))
+    processor = AutoProcessor.from_pretrained(directory)
 else:
     model = M.from_pretrained(directory, device="cpu", dtype=dtype, progress=False).network
 # transformers maps the files and reads lazily: touch one element per page of every parameter so
@@ -77,6 +80,10 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.dir / "config.json").is_file():
         build(args.dir)
+    if not (args.dir / "preprocessor_config.json").is_file():
+        from transformers import WhisperFeatureExtractor
+
+        WhisperFeatureExtractor(feature_size=128).save_pretrained(args.dir)
     weights = sum(p.stat().st_size for p in args.dir.glob("*.safetensors"))
     print(f"checkpoint {args.dir}: {weights / 1e9:.2f} GB of safetensors, loading as {args.dtype}")
     results = {which: measure(which, args.dir, args.dtype) for which in ("qwen2audio", "transformers")}

@@ -16,6 +16,7 @@ import pathlib
 import re
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_READERS = min(4, os.cpu_count() or 1)
 
 # Newer transformers keep other names in memory; checkpoints may carry any of these layouts
 # (transformers 5.15 writes the decoder as "language_model.model.model.*").
@@ -153,8 +155,15 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
     plan = _plan(params, entries, tied=getattr(model.config, "tie_word_embeddings", False))
     total = sum(entry.nbytes for _, _, entry in plan)
     scratch = _Scratch()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
-        for target, entry in _ordered(plan):
+    direct = [(t, e) for t, e in _ordered(plan) if _is_direct(t, e)]
+    converted = [(t, e) for t, e in _ordered(plan) if not _is_direct(t, e)]
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=_READERS) as pool:
+        # Reads straight into place need no scratch, so they run in parallel: faulting in fresh
+        # pages and copying from the page cache are the cost, and both scale with cores.
+        for entry in pool.map(lambda item: _read_into(*item, scratch=None), direct):
+            bar.update(entry.nbytes)
+        for target, entry in converted:
             _read_into(target, entry, scratch)
             bar.update(entry.nbytes)
 
@@ -230,8 +239,12 @@ class _Scratch:
         return self._buffer[: entry.nbytes].view(entry.dtype).view(entry.shape)
 
 
-def _read_into(target: torch.Tensor, entry: TensorEntry, scratch: _Scratch) -> None:
-    direct = target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous()
+def _is_direct(target: torch.Tensor, entry: TensorEntry) -> bool:
+    return target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous()
+
+
+def _read_into(target: torch.Tensor, entry: TensorEntry, scratch: _Scratch | None) -> TensorEntry:
+    direct = _is_direct(target, entry)
     buffer = target if direct else scratch.get(entry, pin=target.device.type == "cuda")
     view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if buffer.numel() else memoryview(b"")
     with open(entry.path, "rb", buffering=0) as handle:
@@ -244,6 +257,7 @@ def _read_into(target: torch.Tensor, entry: TensorEntry, scratch: _Scratch) -> N
             done += count
     if not direct:
         target.copy_(buffer)
+    return entry
 
 
 def file_bytes(directory: os.PathLike) -> int:
