@@ -18,7 +18,7 @@ import torch
 from qwen2audio.config import ModelConfig
 from qwen2audio.engine.engine import Engine, EngineOptions
 from qwen2audio.engine.request import SamplingError, SamplingParams
-from qwen2audio.errors import CheckpointError, PromptError
+from qwen2audio.errors import CheckpointError, InputError, PromptError
 from qwen2audio.hub import resolve_checkpoint
 from qwen2audio.model.attention import AttentionMetadata
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
@@ -38,11 +38,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not valid: use auto, cpu, cuda or cuda:N ({exc})") from None
+        raise InputError(f"device {device!r} is not valid: use auto, cpu, cuda or cuda:N ({exc})") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available")
+        raise InputError(f"device {device!r} was asked for but CUDA is not available")
     if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+        raise InputError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
     return resolved
 
 
@@ -50,12 +50,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     """"auto" is bfloat16 on CUDA (the family overflows in fp16) and float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16")
+            raise InputError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16")
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported: use auto, float32, bfloat16 or float16")
+        raise InputError(f"dtype {dtype!r} is not supported: use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
 
 
@@ -111,8 +111,19 @@ class Qwen2Audio:
     def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
              params: SamplingParams | None = None, **sampling: Any) -> Completion | Iterator[TextDelta]:
         """One reply to a conversation; ``stream=True`` yields text deltas as they are decoded."""
-        prompt = self.processor.prepare(messages)
-        request_id = self.engine.add_request(prompt, _params(params, sampling))
+        return self._submit(self.processor.prepare(messages), _params(params, sampling), stream)
+
+    def complete(self, prompt: str, audios: Sequence[Any] = (), *, stream: bool = False,
+                 params: SamplingParams | None = None, **sampling: Any) -> Completion | Iterator[TextDelta]:
+        """A raw (base-model) prompt whose <|AUDIO|> placeholders take ``audios`` in order."""
+        pending = iter(list(audios))
+        prepared = self.processor.prepare(prompt, pending)
+        if next(pending, None) is not None:
+            raise PromptError("more audios were given than the prompt has <|AUDIO|> placeholders")
+        return self._submit(prepared, _params(params, sampling), stream)
+
+    def _submit(self, prompt: Any, params: SamplingParams, stream: bool) -> Completion | Iterator[TextDelta]:
+        request_id = self.engine.add_request(prompt, params)
         if stream:
             return self._stream(request_id)
         return self._collect([request_id])[0]

@@ -1,6 +1,7 @@
-"""The `qwen2audio` command: a thin adapter over the public Python API.
+"""The `qwen2audio` command: run, chat, transcribe, inspect; a thin adapter over the Python API.
 
-Owns argument parsing, exit codes and one-line error messages; it must not reach into the model.
+Owns argument parsing, terminal I/O, exit codes and one-line error messages; it must not reach
+past the public API (Qwen2Audio, Processor, load_audio) into the engine or the model.
 """
 
 from __future__ import annotations
@@ -10,10 +11,114 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from qwen2audio.errors import InputError
+from qwen2audio.errors import CheckpointError, InputError
 
 EXIT_USAGE = 2
+
+EXAMPLES = {
+    "run": """examples:
+  qwen2audio run --model Qwen/Qwen2-Audio-7B-Instruct --audio question.wav
+  qwen2audio run --model ./Qwen2-Audio-7B-Instruct --audio speech.mp3 --prompt "What does the speaker want?"
+  qwen2audio run --model ./Qwen2-Audio-7B --raw --audio glass.wav \\
+      --prompt "<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:" --temperature 0""",
+    "chat": """commands inside the chat:
+  /audio PATH     attach a clip to the next turn (an empty line sends the clips alone: voice chat)
+  /system TEXT    set the system prompt (starts a new conversation)
+  /reset          start a new conversation
+  /save FILE      write the conversation as JSON (audio by path)
+  /exit           leave (Ctrl-D too); Ctrl-C stops the reply being written
+
+example:
+  qwen2audio chat --model ./Qwen2-Audio-7B-Instruct""",
+    "transcribe": """examples:
+  qwen2audio transcribe --model ./Qwen2-Audio-7B-Instruct meeting.m4a
+  qwen2audio transcribe --model ./Qwen2-Audio-7B recordings/ --format srt --output-dir subs/
+  qwen2audio transcribe --model ./Qwen2-Audio-7B interview.mp3 --language fr --task translate""",
+    "inspect": """example:
+  qwen2audio inspect speech.wav music.mp3 --json""",
+}
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    from qwen2audio.api import Qwen2Audio
+
+    return Qwen2Audio.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    values = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "seed": args.seed}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """One turn: voice chat (audio only), audio analysis (audio + prompt), or a raw base-model prompt."""
+    if not args.audio and not args.prompt:
+        raise InputError("give --audio, --prompt, or both")
+    model = _load_model(args)
+    if args.raw:
+        prompt = args.prompt or ""
+        if args.audio and "<|AUDIO|>" not in prompt:
+            prompt = "<|audio_bos|><|AUDIO|><|audio_eos|>" * len(args.audio) + prompt
+        if args.json:
+            return _print_json(model.complete(prompt, args.audio, **_sampling(args)))
+        stream = model.complete(prompt, args.audio, stream=True, **_sampling(args))
+    else:
+        messages = _turn(args.system, args.audio, args.prompt)
+        if args.json:
+            return _print_json(model.chat(messages, **_sampling(args)))
+        stream = model.chat(messages, stream=True, **_sampling(args))
+    for delta in stream:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _turn(system: str | None, audios: Sequence[str], text: str | None) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    content: list[dict[str, Any]] = [{"type": "audio", "audio": path} for path in audios]
+    if text:
+        content.append({"type": "text", "text": text})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def _print_json(completion: Any) -> int:
+    print(json.dumps({"text": completion.text, "finish_reason": completion.finish_reason,
+                      "usage": completion.usage, "token_ids": completion.token_ids}, ensure_ascii=False))
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from qwen2audio.chat_session import ChatSession
+
+    session = ChatSession(_load_model(args), _sampling(args), system=args.system)
+    return session.loop(sys.stdin, sys.stdout, sys.stderr)
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from qwen2audio.transcribe import Transcriber, collect_files
+
+    files = collect_files(args.inputs)
+    transcriber = Transcriber(_load_model(args), language=args.language, task=args.task,
+                              max_new_tokens=args.max_new_tokens or 448)
+    results = transcriber.transcribe(files, progress=not args.quiet)
+    for result in results:
+        text = result.render(args.format)
+        if args.output_dir:
+            from pathlib import Path
+
+            out_dir = Path(args.output_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{Path(result.path).stem}.{args.format}").write_text(text, encoding="utf-8")
+        else:
+            if len(results) > 1:
+                print(f"==> {result.path} <==")
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -37,20 +142,59 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    parser.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default: the checkpoint's)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qwen2audio",
-        description="Qwen2-Audio: audio + text in, text out.",
-    )
-    parser.add_argument("--verbose", action="store_true", help="show debug logs and full tracebacks")
+    parser = argparse.ArgumentParser(prog="qwen2audio", description="Qwen2-Audio: audio + text in, text out.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    inspect = commands.add_parser(
-        "inspect",
-        help="decode audio files and show duration, 30 s windows and audio-token count",
-        description="Decode audio files exactly as the model's front end does.",
-        epilog="example: qwen2audio inspect speech.wav music.mp3 --json",
-    )
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run = command("run", "one turn: audio only (voice chat), audio + prompt (analysis), or --raw")
+    _common(run)
+    run.add_argument("--audio", action="append", default=[], help="an audio file (repeat for several)")
+    run.add_argument("--prompt", help="the text of the turn (with --raw: the whole raw prompt)")
+    run.add_argument("--system", help="system prompt")
+    run.add_argument("--raw", action="store_true", help="base-model prompt; <|AUDIO|> takes the audios in order")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _sampling_options(run)
+    run.set_defaults(handler=_cmd_run)
+
+    chat = command("chat", "interactive multi-turn chat (voice chat and audio analysis)")
+    _common(chat)
+    chat.add_argument("--system", help="system prompt")
+    _sampling_options(chat)
+    chat.set_defaults(handler=_cmd_chat)
+
+    transcribe = command("transcribe", "transcribe (or translate) files or directories of audio")
+    _common(transcribe)
+    transcribe.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files or directories")
+    transcribe.add_argument("--language", help="spoken language code, e.g. en, zh, fr (default: detect)")
+    transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe",
+                            help="translate = into English")
+    transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt")
+    transcribe.add_argument("--output-dir", help="write one file per input here instead of printing")
+    transcribe.add_argument("--max-new-tokens", type=int, help="most tokens per 30 s window (default 448)")
+    transcribe.set_defaults(handler=_cmd_transcribe)
+
+    inspect = command("inspect", "decode audio files; show duration, 30 s windows and audio-token count")
+    _common(inspect, model=False)
     inspect.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg, opus, m4a, webm, ...)")
     inspect.add_argument("--json", action="store_true", help="one JSON object per file")
     inspect.add_argument("--max-duration", type=float, default=1200.0, help="longest accepted clip in seconds")
@@ -65,11 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.handler(args)
-    except InputError as exc:
+    except (InputError, CheckpointError, OSError) as exc:
         if args.verbose:
             raise
         print(f"qwen2audio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.source = source
         self.special_tokens = dict(special_tokens or {})
+        # False for the built-in fallback: base checkpoints ship no template and want raw prompts.
+        self.has_checkpoint_template = source != DEFAULT_CHAT_TEMPLATE
         try:
             self._template = env.from_string(source)
         except TemplateError as exc:

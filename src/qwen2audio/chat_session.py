@@ -1,0 +1,102 @@
+"""The interactive chat of `qwen2audio chat`: a conversation kept across turns, slash commands.
+
+Owns the REPL: reading lines, attaching clips, streaming replies, Ctrl-C handling, saving. It talks
+to the model only through Qwen2Audio.chat, so every turn is an ordinary engine request.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import IO, Any
+
+from qwen2audio.audio.io import load_audio
+from qwen2audio.errors import InputError
+
+HELP = "commands: /audio PATH, /system TEXT, /reset, /save FILE, /exit (an empty line sends attached audio alone)"
+
+
+class ChatSession:
+    def __init__(self, model: Any, sampling: dict[str, Any], system: str | None = None) -> None:
+        self.model = model
+        self.sampling = sampling
+        self.system = system
+        self.messages: list[dict[str, Any]] = []
+        self.pending_audio: list[str] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.pending_audio = []
+
+    def loop(self, stdin: IO[str], stdout: IO[str], stderr: IO[str]) -> int:
+        """Read lines until /exit or end of input; returns the exit code."""
+        interactive = stdin.isatty()
+        print(HELP, file=stderr)
+        while True:
+            if interactive:
+                print("you> ", end="", file=stderr, flush=True)
+            try:
+                line = stdin.readline()
+            except KeyboardInterrupt:
+                print(file=stderr)
+                continue
+            if not line:
+                return 0
+            line = line.rstrip("\n")
+            try:
+                if self.handle(line, stdout, stderr) == "exit":
+                    return 0
+            except InputError as exc:
+                print(f"error: {exc}", file=stderr)
+
+    def handle(self, line: str, stdout: IO[str], stderr: IO[str]) -> str | None:
+        command, _, rest = line.partition(" ")
+        if command == "/exit":
+            return "exit"
+        if command == "/audio":
+            path = rest.strip()
+            load_audio(path)  # fail now, at the command, not later inside the turn
+            self.pending_audio.append(path)
+            print(f"attached {path} ({len(self.pending_audio)} clip(s) for the next turn)", file=stderr)
+        elif command == "/system":
+            self.system = rest.strip() or None
+            self.reset()
+            print("system prompt set; new conversation", file=stderr)
+        elif command == "/reset":
+            self.reset()
+            print("new conversation", file=stderr)
+        elif command == "/save":
+            self.save(pathlib.Path(rest.strip()))
+            print(f"saved to {rest.strip()}", file=stderr)
+        elif command.startswith("/"):
+            print(f"unknown command {command}; {HELP}", file=stderr)
+        elif line.strip() or self.pending_audio:
+            self.turn(line.strip(), stdout)
+        return None
+
+    def turn(self, text: str, stdout: IO[str]) -> None:
+        content: list[dict[str, Any]] = [{"type": "audio", "audio": path} for path in self.pending_audio]
+        if text:
+            content.append({"type": "text", "text": text})
+        user = {"role": "user", "content": content}
+        stream = self.model.chat([*self.messages, user], stream=True, **self.sampling)
+        reply: list[str] = []
+        try:
+            for delta in stream:
+                reply.append(delta)
+                stdout.write(delta)
+                stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()  # aborts the request and frees its cache blocks
+            stdout.write(" [stopped]")
+        stdout.write("\n")
+        stdout.flush()
+        self.messages += [user, {"role": "assistant", "content": "".join(reply)}]
+        self.pending_audio = []
+
+    def save(self, path: pathlib.Path) -> None:
+        try:
+            path.write_text(json.dumps(self.messages, ensure_ascii=False, indent=2), encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -1,0 +1,186 @@
+"""The command line, run as a user runs it: subprocesses on a tiny checkpoint, replies vs the oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwen2audio import load_audio
+from qwen2audio.transcribe import clean_transcript
+
+from checkpoints import build_checkpoint
+
+DATA = pathlib.Path(__file__).parent / "data"
+SPEECH = DATA / "speech_en_16k.wav"
+TONE = DATA / "tone_440hz_3s.wav"
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def oracle(checkpoint):
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
+                                                               dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+
+    def reply(item, audios, max_new_tokens=TOKENS):
+        text = item if isinstance(item, str) else processor.apply_chat_template(
+            item, add_generation_prompt=True, tokenize=False)
+        kwargs = {"audio": [load_audio(a) for a in audios], "sampling_rate": 16000} if audios else {}
+        inputs = processor(text=[text], return_tensors="pt", **kwargs)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        ids = out[0, inputs.input_ids.shape[1]:].tolist()
+        return processor.tokenizer.decode(ids, skip_special_tokens=True), ids
+
+    return reply
+
+
+def cli(*args, stdin=None):
+    """Bytes in and out, decoded without newline translation: replies may hold a bare \r."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, "-m", "qwen2audio.cli", *map(str, args)],
+                            input=stdin.encode() if stdin else None, capture_output=True, env=env, timeout=300)
+    result.stdout, result.stderr = result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
+    return result
+
+
+def user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+def test_run_audio_analysis_streams_the_greedy_reply(checkpoint, oracle):
+    result = cli("run", "--model", checkpoint, "--audio", SPEECH, "--prompt", "What is said?",
+                 "--temperature", "0", "--max-new-tokens", TOKENS, "--quiet")
+    assert result.returncode == 0, result.stderr
+    expected, _ = oracle([user({"type": "audio", "audio_url": str(SPEECH)},
+                               {"type": "text", "text": "What is said?"})], [SPEECH])
+    assert result.stdout == expected + "\n"
+
+
+def test_run_voice_chat_with_system_prompt_as_json(checkpoint, oracle):
+    result = cli("run", "--model", checkpoint, "--audio", TONE, "--system", "Answer in French.",
+                 "--temperature", "0", "--max-new-tokens", TOKENS, "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    text, ids = oracle([{"role": "system", "content": "Answer in French."},
+                        user({"type": "audio", "audio_url": str(TONE)})], [TONE])
+    reply = json.loads(result.stdout)
+    assert reply["token_ids"] == ids and reply["text"] == text
+    assert reply["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == TOKENS
+
+
+def test_run_raw_base_prompt(checkpoint, oracle):
+    prompt = "<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:"
+    result = cli("run", "--model", checkpoint, "--raw", "--audio", TONE, "--prompt", prompt,
+                 "--temperature", "0", "--max-new-tokens", TOKENS, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == oracle(prompt, [TONE])[0] + "\n"
+
+
+def test_chat_several_turns_through_stdin(checkpoint, oracle, tmp_path):
+    saved = tmp_path / "conversation.json"
+    script = f"/audio {TONE}\nWhat is it?\nAnd what else?\n/save {saved}\n/reset\nHello\n/exit\n"
+    result = cli("chat", "--model", checkpoint, "--temperature", "0", "--max-new-tokens", TOKENS, "--quiet",
+                 stdin=script)
+    assert result.returncode == 0, result.stderr
+    turn1 = [user({"type": "audio", "audio_url": str(TONE)}, {"type": "text", "text": "What is it?"})]
+    reply1, _ = oracle(turn1, [TONE])
+    turn2 = [*turn1, {"role": "assistant", "content": reply1}, user({"type": "text", "text": "And what else?"})]
+    reply2, _ = oracle(turn2, [TONE])
+    reply3, _ = oracle([user({"type": "text", "text": "Hello"})], [])
+    assert result.stdout == f"{reply1}\n{reply2}\n{reply3}\n"
+    conversation = json.loads(saved.read_text())
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
+    assert conversation[0]["content"][0] == {"type": "audio", "audio": str(TONE)}
+    assert conversation[3]["content"] == reply2
+
+
+def test_chat_reports_a_bad_clip_and_goes_on(checkpoint):
+    result = cli("chat", "--model", checkpoint, "--temperature", "0", "--max-new-tokens", 3, "--quiet",
+                 stdin=f"/audio {DATA / 'random_bytes.wav'}\n/frobnicate\nHi\n")
+    assert result.returncode == 0
+    assert "error: audio file" in result.stderr and "cannot decode audio" in result.stderr
+    assert "unknown command /frobnicate" in result.stderr
+    assert len(result.stdout.splitlines()) == 1  # the "Hi" turn still got its reply
+
+
+TIME = r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d)"
+
+
+def test_transcribe_long_audio_into_srt_vtt_and_json(checkpoint, oracle, tmp_path):
+    clip = DATA / "chirp_40s_22k.wav"
+    for fmt in ("srt", "vtt", "json"):
+        result = cli("transcribe", "--model", checkpoint, clip, "--format", fmt, "--output-dir", tmp_path,
+                     "--max-new-tokens", 8, "--quiet")
+        assert result.returncode == 0, result.stderr
+    srt = (tmp_path / "chirp_40s_22k.srt").read_text()
+    vtt = (tmp_path / "chirp_40s_22k.vtt").read_text()
+    doc = json.loads((tmp_path / "chirp_40s_22k.json").read_text())
+    srt_times = re.findall(rf"^{TIME} --> {TIME}$", srt, re.M)
+    assert [t[:4] for t in srt_times] == [("00", "00", "00", "000"), ("00", "00", "30", "000")]
+    assert [t[4:] for t in srt_times] == [("00", "00", "30", "000"), ("00", "00", "40", "000")]
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:30,000\n") and "\n\n2\n00:00:30,000 --> 00:00:40,000\n" in srt
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:30.000\n")
+    assert "\n\n00:00:30.000 --> 00:00:40.000\n" in vtt
+    assert [(s["start"], s["end"]) for s in doc["segments"]] == [(0, 30), (30, 40.0)]
+    # The first window's text is the oracle's greedy reply to the same instruction, cleaned.
+    samples = load_audio(clip)
+    instruction = ("Transcribe the speech verbatim. Reply with the transcript only, without quotes or any "
+                   "other words.")
+    window = tmp_path / "window.wav"
+    import soundfile
+
+    soundfile.write(window, samples[:480000], 16000, subtype="FLOAT")
+    expected, _ = oracle([user({"type": "audio", "audio_url": str(window)},
+                               {"type": "text", "text": instruction})], [window], max_new_tokens=8)
+    assert doc["segments"][0]["text"] == clean_transcript(expected)
+
+
+def test_clean_transcript_strips_chat_model_chatter():
+    assert clean_transcript("The original content of this audio is: 'Hello there.'") == "Hello there."
+    assert clean_transcript("<|en|>Hello there.") == "Hello there."
+    assert clean_transcript("Transcription: “Bonjour”") == "Bonjour"
+    assert clean_transcript("Speech is silver.") == "Speech is silver."
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--audio", DATA / "missing.wav"], "missing.wav': no such file"),
+        (["run", "--audio", DATA / "random_bytes.wav"], "cannot decode audio"),
+        (["run", "--audio", DATA / "too_short_10ms.wav"], "too short to yield an audio token"),
+        (["run"], "give --audio, --prompt, or both"),
+        (["transcribe", DATA / "nope"], "nope: no such file or directory"),
+        (["run", "--audio", TONE, "--temperature", "-2"], "temperature must be in"),
+        (["run", "--audio", TONE, "--dtype", "int4"], "dtype 'int4' is not supported"),
+    ],
+)
+def test_errors_exit_2_with_one_line(checkpoint, args, message):
+    result = cli(args[0], "--model", checkpoint, "--quiet", *args[1:])
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("qwen2audio: error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_model_exits_2():
+    result = cli("run", "--model", "/nonexistent/model", "--audio", TONE, "--quiet")
+    assert result.returncode == 2 and "no such checkpoint directory" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "transcribe", "inspect"])
+def test_help_has_examples(command):
+    result = cli(command, "--help")
+    assert result.returncode == 0 and "example" in result.stdout and "--device" in result.stdout
