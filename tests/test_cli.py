@@ -184,3 +184,37 @@ def test_missing_model_exits_2():
 def test_help_has_examples(command):
     result = cli(command, "--help")
     assert result.returncode == 0 and "example" in result.stdout and "--device" in result.stdout
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint):
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwen2audio.cli", "chat", "--model", str(checkpoint), "--temperature", "0",
+         "--max-new-tokens", "3000", "--quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    received = bytearray()
+
+    def read() -> None:
+        for chunk in iter(lambda: process.stdout.read(1), b""):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    process.stdin.write(b"Tell me a long story.\n")
+    process.stdin.flush()
+    deadline = time.time() + 120
+    while not received and time.time() < deadline:
+        time.sleep(0.05)
+    assert received, "the reply never started"
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.stdin.write(b"/exit\n")
+    process.stdin.flush()
+    assert process.wait(timeout=120) == 0
+    reader.join(timeout=10)
+    assert b" [stopped]\n" in received
