@@ -284,3 +284,26 @@ def test_onednn_linears_agree_with_plain_torch(checkpoint, model):
     batch = plain.processor(items)
     reference, fast = plain.logits(batch), model.logits(batch)
     assert ((fast - reference).abs().max() / reference.abs().max()).item() < 1e-5
+
+
+def test_a_request_that_breaks_a_step_fails_alone(model, monkeypatch):
+    engine = fresh_engine(model)
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    good = [engine.add_request(engine.processor.prepare(conv(audio(CLIPS[s]), text("Hi"))), params) for s in (3, 4)]
+    poisoned = engine.add_request(engine.processor.prepare(conv(audio(CLIPS[9]), text("Hi"))), params)
+    bad_request = engine.requests[poisoned]
+    execute = engine.runner.execute
+
+    def failing(step):
+        if any(r is bad_request for r in [*step.prefills, *step.decodes]):
+            raise RuntimeError("kernel exploded")
+        return execute(step)
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+    outputs = {i: [] for i in [*good, poisoned]}
+    while engine.has_unfinished:
+        for output in engine.step():
+            outputs[output.request_id].append(output)
+    assert outputs[poisoned][-1].finish_reason == "error" and "kernel exploded" in outputs[poisoned][-1].error
+    assert all(outputs[i][-1].finish_reason == "length" for i in good)
+    assert engine.blocks.num_free == engine.blocks.num_blocks

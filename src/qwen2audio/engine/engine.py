@@ -22,7 +22,7 @@ from qwen2audio.engine.kv_cache import BlockManager, block_hashes, token_keys
 from qwen2audio.engine.request import Request, RequestOutput, SamplingParams
 from qwen2audio.engine.runner import ModelRunner
 from qwen2audio.engine.sampler import Sampler
-from qwen2audio.engine.scheduler import Scheduler
+from qwen2audio.engine.scheduler import ScheduledStep, Scheduler
 from qwen2audio.errors import PromptError
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 from qwen2audio.processor import Processor, Prompt
@@ -119,13 +119,25 @@ class Engine:
         self.num_preemptions += len(scheduled.preempted)
         if scheduled.empty:
             return []
-        requests = [*scheduled.prefills, *scheduled.decodes]
         try:
-            logits = self.runner.execute(scheduled)
-            result = self.sampler.sample(logits, requests)
-        except Exception as exc:  # a failing batch must not take the engine down with it
-            logger.exception("step failed; failing its %d request(s)", len(requests))
-            return [self._fail(request, f"{type(exc).__name__}: {exc}") for request in requests]
+            return self._run(scheduled)
+        except Exception:  # a failing batch must not take the engine (or its other requests) down
+            logger.exception("step failed; running its requests one by one to find the failing ones")
+        outputs = []
+        for request in [*scheduled.prefills, *scheduled.decodes]:
+            alone = ScheduledStep(prefills=[request] if request in scheduled.prefills else [],
+                                  decodes=[request] if request in scheduled.decodes else [])
+            try:
+                outputs.extend(self._run(alone))
+            except Exception as exc:
+                logger.exception("request %s failed", request.request_id)
+                outputs.append(self._fail(request, f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    def _run(self, scheduled: ScheduledStep) -> list[RequestOutput]:
+        requests = [*scheduled.prefills, *scheduled.decodes]
+        logits = self.runner.execute(scheduled)
+        result = self.sampler.sample(logits, requests)
         outputs = []
         for index, (request, token, logprob) in enumerate(zip(requests, result.tokens, result.logprobs, strict=True)):
             request.num_computed = request.num_tokens
