@@ -36,6 +36,9 @@ example:
   qwen2audio transcribe --model ./Qwen2-Audio-7B-Instruct meeting.m4a
   qwen2audio transcribe --model ./Qwen2-Audio-7B recordings/ --format srt --output-dir subs/
   qwen2audio transcribe --model ./Qwen2-Audio-7B interview.mp3 --language fr --task translate""",
+    "serve": """examples:
+  qwen2audio serve --model ./Qwen2-Audio-7B-Instruct --port 8000
+  qwen2audio serve --model ./Qwen2-Audio-7B-Instruct --api-key secret --allow-remote-audio""",
     "inspect": """example:
   qwen2audio inspect speech.wav music.mp3 --json""",
 }
@@ -121,6 +124,31 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server; SIGTERM stops accepting and lets in-flight requests finish."""
+    import os
+    import pathlib
+
+    import uvicorn
+
+    from qwen2audio.server.app import ServerOptions, create_app
+    from qwen2audio.server.media import MediaPolicy
+
+    root = args.allowed_local_media_path
+    if root is not None and not pathlib.Path(root).is_dir():
+        raise InputError(f"--allowed-local-media-path {root}: not a directory")
+    media = MediaPolicy(allow_remote=args.allow_remote_audio,
+                        allowed_hosts=frozenset(h.lower() for h in args.allowed_host),
+                        local_root=pathlib.Path(root) if root else None)
+    options = ServerOptions(served_model_name=args.served_model_name or args.model,
+                            api_key=args.api_key or os.environ.get("QWEN2AUDIO_API_KEY"), media=media,
+                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pending=args.max_pending)
+    app = create_app(_load_model(args), options)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
+                log_level="debug" if args.verbose else "info")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Decode each file and report what the model would see: duration, windows, audio tokens."""
     from qwen2audio.audio.features import FeatureConfig, audio_token_count, frame_count, split_windows
@@ -192,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--output-dir", help="write one file per input here instead of printing")
     transcribe.add_argument("--max-new-tokens", type=int, help="most tokens per 30 s window (default 448)")
     transcribe.set_defaults(handler=_cmd_transcribe)
+
+    serve = command("serve", "OpenAI-compatible HTTP server (chat, completions, audio transcriptions)")
+    _common(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QWEN2AUDIO_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model id clients use (default: --model)")
+    serve.add_argument("--allowed-local-media-path", help="allow file:// audio URLs inside this directory")
+    serve.add_argument("--allow-remote-audio", action="store_true",
+                       help="allow http(s) audio URLs (private, loopback and link-local addresses stay refused)")
+    serve.add_argument("--allowed-host", action="append", default=[],
+                       help="a host that remote audio may come from even if it is private (repeatable)")
+    serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body (default 25)")
+    serve.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get after SIGTERM")
+    serve.set_defaults(handler=_cmd_serve)
 
     inspect = command("inspect", "decode audio files; show duration, 30 s windows and audio-token count")
     _common(inspect, model=False)

@@ -137,22 +137,27 @@ class Transcriber:
                            "without quotes or any other words.")
         return [{"role": "user", "content": [{"type": "audio", "audio": None}, {"type": "text", "text": instruction}]}]
 
-    def transcribe(self, files: Sequence[pathlib.Path | str], progress: bool = True) -> list[Transcript]:
-        engine = self.model.engine
+    def plan(self, samples: Any, name: str) -> tuple[Transcript, list[tuple[Segment, Any]]]:
+        """One prepared prompt per 30 s window of ``samples``, each with the segment it fills."""
         processor = self.model.processor
         window_seconds = processor.feature_extractor.config.chunk_length
         rate = processor.feature_extractor.config.sampling_rate
+        transcript = Transcript(name, language=self.language, task=self.task)
+        jobs = []
+        for k, window in enumerate(split_windows(samples)):
+            segment = Segment(k * window_seconds, min((k + 1) * window_seconds, len(samples) / rate), "")
+            transcript.segments.append(segment)
+            jobs.append((segment, processor.prepare(self._item(window), iter([window]))))
+        return transcript, jobs
+
+    def transcribe(self, files: Sequence[pathlib.Path | str], progress: bool = True) -> list[Transcript]:
+        engine = self.model.engine
         transcripts, owners = [], {}
         for path in files:
-            samples = load_audio(path)
-            transcript = Transcript(str(path), language=self.language, task=self.task)
+            transcript, jobs = self.plan(load_audio(path), str(path))
             transcripts.append(transcript)
-            for k, window in enumerate(split_windows(samples)):
-                segment = Segment(k * window_seconds, min((k + 1) * window_seconds, len(samples) / rate), "")
-                transcript.segments.append(segment)
-                prepared = processor.prepare(self._item(window), iter([window]))
-                request_id = engine.add_request(prepared, self._params())
-                owners[request_id] = (transcript, segment, [])
+            for segment, prepared in jobs:
+                owners[engine.add_request(prepared, self.params())] = (transcript, segment, [])
         remaining = {t.path: len(t.segments) for t in transcripts}
         with tqdm(total=len(transcripts), unit="file", desc="transcribing", disable=not progress) as bar:
             for output in engine.run(set(owners)):
@@ -173,7 +178,7 @@ class Transcriber:
             item[0]["content"][0]["audio"] = window
         return item
 
-    def _params(self) -> Any:
+    def params(self) -> Any:
         from qwen2audio.engine.request import SamplingParams
 
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, repetition_penalty=1.0)

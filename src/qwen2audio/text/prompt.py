@@ -110,6 +110,7 @@ class AudioPart:
 
     source: Any
     where: str
+    kind: str = "audio"  # "audio" (any source), "url" (audio_url forms) or "input_audio" (base64 data)
 
 
 def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[AudioPart]]:
@@ -155,7 +156,8 @@ def _normalize_part(part: Any, where: str, audios: list[AudioPart]) -> dict[str,
             raise PromptError(f"{where}.text must be a string")
         return {"type": "text", "text": part["text"]}
     source = _audio_source(part, kind, where)
-    audios.append(AudioPart(source, where))
+    form = "input_audio" if kind == "input_audio" else ("url" if "audio_url" in part else "audio")
+    audios.append(AudioPart(source, where, form))
     return {"type": "audio", "audio": f"<audio {len(audios)}>"}
 
 

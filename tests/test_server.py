@@ -1,0 +1,355 @@
+"""A real server on 127.0.0.1, driven with the official openai SDK; media-policy security tests."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import pathlib
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from qwen2audio import load_audio
+from qwen2audio.api import Qwen2Audio
+from qwen2audio.server.app import ServerOptions, create_app
+from qwen2audio.server.media import MediaPolicy
+
+from checkpoints import build_checkpoint
+
+DATA = pathlib.Path(__file__).parent / "data"
+SPEECH, TONE = DATA / "speech_en_16k.wav", DATA / "tone_440hz_3s.wav"
+KEY = "test-key"
+TOKENS = 10
+
+
+def b64(path):
+    return base64.b64encode(pathlib.Path(path).read_bytes()).decode()
+
+
+def input_audio(path):
+    return {"type": "input_audio", "input_audio": {"data": b64(path), "format": "wav"}}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("server") / "ckpt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    (root / "tone.wav").write_bytes(TONE.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, media_root):
+    model = Qwen2Audio.from_pretrained(checkpoint, progress=False)
+    options = ServerOptions(served_model_name="tiny", api_key=KEY, max_body_bytes=3 * 2**20, max_pending=4,
+                            media=MediaPolicy(allow_remote=True, allowed_hosts=frozenset({"127.0.0.1"}),
+                                              local_root=media_root))
+    running = Running(create_app(model, options))
+    yield running, model
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def oracle(checkpoint):
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
+                                                               dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+
+    def reply(conversation, audios, max_new_tokens=TOKENS):
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        kwargs = {"audio": [load_audio(a) for a in audios], "sampling_rate": 16000} if audios else {}
+        inputs = processor(text=[text], return_tensors="pt", **kwargs)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        ids = out[0, inputs.input_ids.shape[1]:].tolist()
+        return processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    return reply
+
+
+def hf_user(*paths, text=None):
+    parts = [{"type": "audio", "audio_url": str(p)} for p in paths]
+    return {"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else [])}
+
+
+def test_chat_with_input_audio_equals_the_oracle(client, oracle):
+    messages = [{"role": "user", "content": [input_audio(SPEECH), {"type": "text", "text": "What is said?"}]}]
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=TOKENS, temperature=0)
+    assert response.choices[0].message.content == oracle([hf_user(SPEECH, text="What is said?")], [SPEECH])
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == TOKENS and response.usage.prompt_tokens > 160
+
+
+def test_streamed_chat_equals_the_oracle_and_reports_usage(client, oracle):
+    messages = [{"role": "user", "content": [input_audio(TONE), {"type": "text", "text": "What is it?"}]}]
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=TOKENS, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == oracle([hf_user(TONE, text="What is it?")], [TONE])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == TOKENS and not chunks[-1].choices
+
+
+def test_multi_turn_with_two_audios(client, oracle):
+    first = oracle([hf_user(SPEECH, text="What is said?")], [SPEECH])
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [input_audio(SPEECH), {"type": "text", "text": "What is said?"}]},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64(TONE)}"}},
+                                     {"type": "text", "text": "And here?"}]},
+    ]
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=TOKENS, temperature=0)
+    expected = oracle([{"role": "system", "content": "You are terse."}, hf_user(SPEECH, text="What is said?"),
+                       {"role": "assistant", "content": first}, hf_user(TONE, text="And here?")], [SPEECH, TONE])
+    assert response.choices[0].message.content == expected
+
+
+def test_n_choices_logprobs_and_seeded_sampling(client):
+    messages = [{"role": "user", "content": [input_audio(TONE)]}]
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, n=2, seed=7,
+                                              temperature=1.0, logprobs=True, top_logprobs=2)
+    again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, n=2, seed=7,
+                                           temperature=1.0)
+    assert [c.message.content for c in response.choices] == [c.message.content for c in again.choices]
+    assert len(response.choices[0].logprobs.content) == 5
+    assert len(response.choices[0].logprobs.content[0].top_logprobs) == 2
+
+
+def test_raw_completion_with_audio(served, client):
+    prompt = "<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:"
+    _, model = served
+    expected = model.complete(prompt, [TONE], max_new_tokens=TOKENS, temperature=0).text
+    response = client.completions.create(model="tiny", prompt=prompt, max_tokens=TOKENS, temperature=0,
+                                         extra_body={"audio": [f"data:audio/wav;base64,{b64(TONE)}"]})
+    assert response.choices[0].text == expected
+
+
+@pytest.mark.parametrize("fmt", ["json", "text", "srt", "vtt", "verbose_json"])
+def test_transcription_formats(client, fmt):
+    with open(DATA / "chirp_40s_22k.wav", "rb") as handle:
+        data = handle.read()
+    # The 40 s clip is 1.8 MB: under this server's 3 MB body limit.
+    result = client.audio.transcriptions.create(model="tiny", file=("chirp.wav", data), response_format=fmt)
+    if fmt == "json":
+        assert isinstance(result.text, str)
+    elif fmt == "verbose_json":
+        segments = result.segments
+        assert [(s.start, s.end) for s in segments] == [(0.0, 30.0), (30.0, 40.0)]
+    elif fmt == "srt":
+        assert "1\n00:00:00,000 --> 00:00:30,000\n" in result and "00:00:30,000 --> 00:00:40,000" in result
+    elif fmt == "vtt":
+        assert result.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:30.000\n")
+    else:
+        assert isinstance(result, str)
+
+
+def test_translation(client):
+    result = client.audio.translations.create(model="tiny", file=("tone.wav", TONE.read_bytes()))
+    assert isinstance(result.text, str)
+
+
+def test_models_health_metrics(served, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    url = served[0].url
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "qwen2audio_kv_cache_usage" in metrics and "qwen2audio_time_to_first_token_seconds_bucket" in metrics
+
+
+def raw_post(served, path, body, headers=None, key=KEY):
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {}),
+               **(headers or {})}
+    return httpx.post(served[0].url + path, content=body, headers=headers, timeout=60)
+
+
+def chat_body(**extra):
+    return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra})
+
+
+@pytest.mark.parametrize(
+    "body,status,fragment",
+    [
+        ("{not json", 400, "not valid JSON"),
+        (chat_body(temperature=5), 400, "temperature"),
+        (chat_body(messages=[]), 400, "messages"),
+        (chat_body(messages=[{"role": "user", "content": [{"type": "video", "video": "x"}]}]), 400,
+         "unknown content part type 'video'"),
+        (chat_body(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+            "data": base64.b64encode(b"junk" * 100).decode(), "format": "wav"}}]}]), 400, "cannot decode audio"),
+        (chat_body(messages=[{"role": "user", "content": "word " * 5000}]), 400, "context"),
+        (chat_body(model="gpt-4"), 404, "does not exist"),
+        (chat_body(n=8), 429, "capacity"),
+    ],
+)
+def test_error_statuses_in_openai_shape(served, body, status, fragment):
+    response = raw_post(served, "/v1/chat/completions", body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_401_without_key_and_413_over_the_body_limit(served, client):
+    assert raw_post(served, "/v1/chat/completions", chat_body(), key=None).status_code == 401
+    assert raw_post(served, "/v1/chat/completions", chat_body(), key="wrong").status_code == 401
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * (4 * 2**20)}]})
+    response = raw_post(served, "/v1/chat/completions", big)
+    assert response.status_code == 413 and "byte limit" in response.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served[0].url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_disconnect_aborts_and_frees_kv_blocks(served):
+    running, model = served
+    body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 3000, "temperature": 0,
+                       "messages": [{"role": "user", "content": [input_audio(TONE)]}]})
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", running.url + "/v1/chat/completions", content=body, headers=headers) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content": ""' not in line:
+                break
+    blocks = model.engine.blocks
+    deadline = time.time() + 30
+    while blocks.num_free != blocks.num_blocks and time.time() < deadline:
+        time.sleep(0.1)
+    assert blocks.num_free == blocks.num_blocks and not model.engine.has_unfinished
+
+
+# ----- media policy: what a request may point at -------------------------------------------------
+
+
+def chat_with_url(client, url):
+    messages = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": url}}]}]
+    return client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, temperature=0)
+
+
+@pytest.fixture
+def audio_server():
+    """A test server on 127.0.0.1 (allow-listed) that serves a clip or redirects."""
+    payload = TONE.read_bytes()
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path.startswith("/redirect"):
+                self.send_response(302)
+                self.send_header("Location", self.path.split("to=", 1)[1])
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+def test_allowed_remote_fetch_works(client, audio_server):
+    base, hits = audio_server
+    assert chat_with_url(client, f"{base}/tone.wav").choices[0].finish_reason in ("length", "stop")
+    assert hits == ["/tone.wav"]
+
+
+@pytest.fixture
+def resolver(monkeypatch):
+    """Map test host names to chosen addresses; nothing leaves this machine."""
+    table = {"private.test": "10.1.2.3", "loop.test": "127.0.0.1", "link.test": "169.254.169.254",
+             "v6loop.test": "::1"}
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kwargs):
+        if host in table:
+            family = socket.AF_INET6 if ":" in table[host] else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, 6, "", (table[host], 80))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    return table
+
+
+@pytest.mark.parametrize("url", ["http://localhost:9/a.wav", "http://[::1]:9/a.wav", "http://private.test/a.wav",
+                                 "http://loop.test/a.wav", "http://link.test/latest/meta-data",
+                                 "http://v6loop.test/a.wav", "http://0.0.0.0:9/a.wav"])
+def test_private_loopback_and_link_local_hosts_are_refused(client, resolver, url):
+    with pytest.raises(openai.BadRequestError, match="is not allowed"):
+        chat_with_url(client, url)
+
+
+def test_redirects_to_private_hosts_are_refused_before_connecting(client, resolver, audio_server):
+    base, hits = audio_server
+    with pytest.raises(openai.BadRequestError, match=r"'private\.test' is not allowed"):
+        chat_with_url(client, f"{base}/redirect?to=http://private.test/a.wav")
+    assert hits == ["/redirect?to=http://private.test/a.wav"]  # the redirect target was never fetched
+
+
+def test_file_urls_only_inside_the_allowed_directory(client, media_root, tmp_path):
+    assert chat_with_url(client, (media_root / "tone.wav").as_uri()).choices
+    with pytest.raises(openai.BadRequestError, match="outside the allowed media directory"):
+        chat_with_url(client, "file:///etc/passwd")
+    with pytest.raises(openai.BadRequestError, match="outside the allowed media directory"):
+        chat_with_url(client, f"file://{media_root}/../../../etc/passwd")
+    outside = tmp_path / "secret.wav"
+    outside.write_bytes(TONE.read_bytes())
+    (media_root / "link.wav").symlink_to(outside)
+    with pytest.raises(openai.BadRequestError, match="outside the allowed media directory"):
+        chat_with_url(client, (media_root / "link.wav").as_uri())
+    with pytest.raises(openai.BadRequestError, match="must be a data: URI"):
+        chat_with_url(client, str(media_root / "tone.wav"))  # a bare path is never read
+
+
+def test_remote_audio_is_off_by_default():
+    policy = MediaPolicy()
+    from qwen2audio.errors import AudioError
+    from qwen2audio.text.prompt import AudioPart
+
+    with pytest.raises(AudioError, match="remote audio URLs are disabled"):
+        policy.resolve(AudioPart("https://example.com/a.wav", "messages[0].content[0]", "url"))
+    with pytest.raises(AudioError, match="file:// URLs are disabled"):
+        policy.resolve(AudioPart("file:///tmp/a.wav", "messages[0].content[0]", "url"))
