@@ -353,3 +353,41 @@ def test_remote_audio_is_off_by_default():
         policy.resolve(AudioPart("https://example.com/a.wav", "messages[0].content[0]", "url"))
     with pytest.raises(AudioError, match="file:// URLs are disabled"):
         policy.resolve(AudioPart("file:///tmp/a.wav", "messages[0].content[0]", "url"))
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(checkpoint):
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwen2audio.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--served-model-name", "tiny", "--quiet", "--shutdown-timeout", "60"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 300, "temperature": 0,
+                           "min_tokens": 300, "messages": [{"role": "user", "content": [input_audio(TONE)]}]})
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", content=body, timeout=120,
+                          headers={"content-type": "application/json"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and not lines:
+                    process.send_signal(signal.SIGTERM)
+                lines.append(line)
+        payloads = [line[6:] for line in lines if line.startswith("data: ")]
+        assert payloads[-1] == "[DONE]"
+        assert json.loads(payloads[-2])["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -128,6 +128,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible server; SIGTERM stops accepting and lets in-flight requests finish."""
     import os
     import pathlib
+    import signal
 
     import uvicorn
 
@@ -144,6 +145,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             api_key=args.api_key or os.environ.get("QWEN2AUDIO_API_KEY"), media=media,
                             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pending=args.max_pending)
     app = create_app(_load_model(args), options)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it through the handler it found:
+    # a no-op one makes a drained shutdown exit 0, as process managers expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                 log_level="debug" if args.verbose else "info")
     return 0
