@@ -391,3 +391,21 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(checkpoint):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_failing_request_gets_500_and_the_others_continue(served, client, monkeypatch):
+    _, model = served
+    runner = model.engine.runner
+    execute = runner.execute
+
+    def failing(step):
+        if any(r.params.max_new_tokens == 7 for r in [*step.prefills, *step.decodes]):
+            raise RuntimeError("kernel exploded")
+        return execute(step)
+
+    monkeypatch.setattr(runner, "execute", failing)
+    doomed = raw_post(served, "/v1/chat/completions", chat_body(max_tokens=7))
+    assert doomed.status_code == 500 and "kernel exploded" in doomed.json()["error"]["message"]
+    fine = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert fine.usage.completion_tokens == 3
+    assert httpx.get(served[0].url + "/health").status_code == 200
