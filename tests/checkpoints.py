@@ -130,3 +130,26 @@ def build_checkpoint(
             shutil.copy(tok_dir / name, directory / name)
     shutil.rmtree(tok_dir)
     return directory
+
+
+def greedy_oracle(checkpoint: pathlib.Path, default_tokens: int = 12):
+    """transformers' greedy reply to one conversation or raw prompt: (text, token ids), fp32 eager."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    from qwen2audio import load_audio
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
+                                                               dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+
+    def reply(item, audios, max_new_tokens: int = default_tokens):
+        text = item if isinstance(item, str) else processor.apply_chat_template(
+            item, add_generation_prompt=True, tokenize=False)
+        kwargs = {"audio": [load_audio(a) for a in audios], "sampling_rate": 16000} if audios else {}
+        inputs = processor(text=[text], return_tensors="pt", **kwargs)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        ids = out[0, inputs.input_ids.shape[1]:].tolist()
+        return processor.tokenizer.decode(ids, skip_special_tokens=True), ids
+
+    return reply

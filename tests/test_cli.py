@@ -10,12 +10,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from qwen2audio import load_audio
 from qwen2audio.transcribe import clean_transcript
 
-from checkpoints import build_checkpoint
+from checkpoints import build_checkpoint, greedy_oracle
 
 DATA = pathlib.Path(__file__).parent / "data"
 SPEECH = DATA / "speech_en_16k.wav"
@@ -30,23 +29,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(checkpoint):
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
-                                                               dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
-
-    def reply(item, audios, max_new_tokens=TOKENS):
-        text = item if isinstance(item, str) else processor.apply_chat_template(
-            item, add_generation_prompt=True, tokenize=False)
-        kwargs = {"audio": [load_audio(a) for a in audios], "sampling_rate": 16000} if audios else {}
-        inputs = processor(text=[text], return_tensors="pt", **kwargs)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        ids = out[0, inputs.input_ids.shape[1]:].tolist()
-        return processor.tokenizer.decode(ids, skip_special_tokens=True), ids
-
-    return reply
+    return greedy_oracle(checkpoint, TOKENS)
 
 
 def cli(*args, stdin=None):

@@ -13,15 +13,13 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
-from qwen2audio import load_audio
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.server.app import ServerOptions, create_app
 from qwen2audio.server.media import MediaPolicy
 
-from checkpoints import build_checkpoint
+from checkpoints import build_checkpoint, greedy_oracle
 
 DATA = pathlib.Path(__file__).parent / "data"
 SPEECH, TONE = DATA / "speech_en_16k.wav", DATA / "tone_440hz_3s.wav"
@@ -89,22 +87,8 @@ def client(served):
 
 @pytest.fixture(scope="module")
 def oracle(checkpoint):
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
-                                                               dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
-
-    def reply(conversation, audios, max_new_tokens=TOKENS):
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        kwargs = {"audio": [load_audio(a) for a in audios], "sampling_rate": 16000} if audios else {}
-        inputs = processor(text=[text], return_tensors="pt", **kwargs)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        ids = out[0, inputs.input_ids.shape[1]:].tolist()
-        return processor.tokenizer.decode(ids, skip_special_tokens=True)
-
-    return reply
+    reply = greedy_oracle(checkpoint, TOKENS)
+    return lambda conversation, audios: reply(conversation, audios)[0]
 
 
 def hf_user(*paths, text=None):
