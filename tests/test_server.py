@@ -13,13 +13,13 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.server.app import ServerOptions, create_app
 from qwen2audio.server.media import MediaPolicy
 
 from checkpoints import build_checkpoint, greedy_oracle
+from serving import Running, free_port
 
 DATA = pathlib.Path(__file__).parent / "data"
 SPEECH, TONE = DATA / "speech_en_16k.wav", DATA / "tone_440hz_3s.wav"
@@ -33,28 +33,6 @@ def b64(path):
 
 def input_audio(path):
     return {"type": "input_audio", "input_audio": {"data": b64(path), "format": "wav"}}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

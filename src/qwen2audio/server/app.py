@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pathlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import ValidationError
 
@@ -30,6 +32,7 @@ from qwen2audio.server.protocol import ChatCompletionRequest, CompletionRequest,
 from qwen2audio.transcribe import Transcriber, clean_transcript
 
 logger = logging.getLogger(__name__)
+STATIC = pathlib.Path(__file__).parent / "static"  # the voice-chat page: plain HTML/CSS/JS, no build step
 
 
 @dataclass
@@ -136,6 +139,12 @@ def create_app(model: Qwen2Audio, options: ServerOptions | None = None) -> FastA
         if "server" in server_box:
             server().metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/health")
     async def health() -> Response:
