@@ -39,6 +39,10 @@ example:
     "serve": """examples:
   qwen2audio serve --model ./Qwen2-Audio-7B-Instruct --port 8000
   qwen2audio serve --model ./Qwen2-Audio-7B-Instruct --api-key secret --allow-remote-audio""",
+    "eval": """examples:
+  qwen2audio eval --model ./Qwen2-Audio-7B --task librispeech-test-clean --data LibriSpeech/test-clean
+  qwen2audio eval --model ./Qwen2-Audio-7B --task meld --data meld_test.jsonl --output meld.json
+  qwen2audio eval --model ./Qwen2-Audio-7B-Instruct --task airbench-chat --data airbench_chat.parquet""",
     "inspect": """example:
   qwen2audio inspect speech.wav music.mp3 --json""",
 }
@@ -153,6 +157,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """A report benchmark on local data; resumable through OUTPUT.jsonl."""
+    from qwen2audio.evaluation import evaluate
+
+    output = args.output or f"eval-{args.task}.json"
+    result = evaluate(_load_model(args), args.task, args.data, output, limit=args.limit,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    sys.stdout.write(_table_text(output))
+    return 0 if result["items"] else EXIT_USAGE
+
+
+def _table_text(output: str) -> str:
+    from pathlib import Path
+
+    return Path(output).with_suffix(".md").read_text(encoding="utf-8")
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Decode each file and report what the model would see: duration, windows, audio tokens."""
     from qwen2audio.audio.features import FeatureConfig, audio_token_count, frame_count, split_windows
@@ -241,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get after SIGTERM")
     serve.set_defaults(handler=_cmd_serve)
+
+    from qwen2audio.evaluation import TASKS
+
+    evaluation = command("eval", "run a Qwen2-Audio report benchmark on local data (resumable)")
+    _common(evaluation)
+    evaluation.add_argument("--task", required=True, choices=list(TASKS), metavar="TASK",
+                            help=f"one of: {', '.join(TASKS)}")
+    evaluation.add_argument("--data", required=True,
+                            help="JSONL manifest, LibriSpeech directory, or parquet/arrow file or directory")
+    evaluation.add_argument("--limit", type=int, help="only the first N items")
+    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--max-new-tokens", type=int, default=256)
+    evaluation.add_argument("--output", help="results JSON (default eval-TASK.json; items go to .jsonl, table to .md)")
+    evaluation.set_defaults(handler=_cmd_eval)
 
     inspect = command("inspect", "decode audio files; show duration, 30 s windows and audio-token count")
     _common(inspect, model=False)
