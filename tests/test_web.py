@@ -139,3 +139,25 @@ def test_new_chat_clears_the_conversation(page):
     reply_of(page, 0)
     page.click("#new-chat")
     assert page.locator("#history li").count() == 0
+
+
+def test_the_page_asks_for_the_api_key_when_the_server_wants_one(browser, served):
+    own_model = Qwen2Audio.from_pretrained(served[1].directory, progress=False)  # one engine per server
+    keyed = Running(create_app(own_model, ServerOptions(served_model_name="tiny", api_key="sesame")))
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        page = context.new_page()
+        page.goto(keyed.url + "/")
+        page.fill("#text", "Hello")
+        page.click("#send")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "needs an API key" in page.inner_text("#error")
+        assert page.locator("#settings").get_attribute("open") is not None
+        page.fill("#api-key", "sesame")
+        page.fill("#max-tokens", "3")
+        page.click("#send")
+        text, how = reply_of(page, 0)
+        assert how == "true" and text
+    finally:
+        context.close()
+        keyed.stop()
