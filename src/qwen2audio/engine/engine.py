@@ -81,6 +81,7 @@ class Engine:
         self.max_context = network.config.text.max_position_embeddings
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.driven_by: object | None = None  # the AsyncEngine stepping this engine, if any
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a prepared prompt; returns its id. Bad parameters or an over-long prompt raise here."""
@@ -203,6 +204,9 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: Engine) -> None:
+        if getattr(engine, "driven_by", None) is not None:
+            raise RuntimeError("this engine already has an AsyncEngine stepping it; one per engine")
+        engine.driven_by = self
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -242,6 +246,7 @@ class AsyncEngine:
         self._stopped.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
+        self.engine.driven_by = None
 
     def _loop(self) -> None:
         try:
