@@ -182,6 +182,10 @@ class Engine:
 
     def run(self, request_ids: set[str]) -> Iterator[RequestOutput]:
         """Step until the given requests finish, yielding their outputs (others keep running too)."""
+        if self.driven_by is not None:
+            for request_id in request_ids:
+                self.abort(request_id)
+            raise RuntimeError("this engine is being stepped by an AsyncEngine (a server); submit through it")
         pending = set(request_ids)
         try:
             while pending:
