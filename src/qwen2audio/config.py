@@ -57,10 +57,6 @@ class TextConfig:
     tie_word_embeddings: bool = False
     head_dim: int = 128
 
-    @property
-    def kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -239,11 +239,6 @@ def mel_filter_bank(config: FeatureConfig = FeatureConfig()) -> np.ndarray:
     return bank * (2.0 / (edges[2:] - edges[:-2]))[None, :]
 
 
-def window_seconds(config: FeatureConfig = FeatureConfig()) -> float:
-    """Length of one window in seconds (for timestamps of long audio)."""
-    return config.n_samples / config.sampling_rate
-
-
 __all__ = [
     "AudioFeatures",
     "FeatureConfig",
@@ -252,5 +247,4 @@ __all__ = [
     "frame_count",
     "mel_filter_bank",
     "split_windows",
-    "window_seconds",
 ]

@@ -108,7 +108,6 @@ class Request:
     num_computed: int = 0
     finish_reason: str | None = None
     error: str | None = None
-    audio_done: bool = False
 
     @property
     def all_ids(self) -> list[int]:

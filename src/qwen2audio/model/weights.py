@@ -258,8 +258,3 @@ def _read_into(target: torch.Tensor, entry: TensorEntry, scratch: _Scratch | Non
     if not direct:
         target.copy_(buffer)
     return entry
-
-
-def file_bytes(directory: os.PathLike) -> int:
-    """Total size of the weight files (for memory reports)."""
-    return sum(path.stat().st_size for path in checkpoint_files(pathlib.Path(directory)))
