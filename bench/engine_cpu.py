@@ -59,17 +59,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides use it")
     args = parser.parse_args()
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     directory = build_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "mid", text_dims=TEXT, audio_dims=AUDIO,
                                  randomize=False)
-    hf = Qwen2AudioForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    hf = Qwen2AudioForConditionalGeneration.from_pretrained(directory, dtype=getattr(torch, args.dtype)).eval()
     processor = AutoProcessor.from_pretrained(directory)
     processor.tokenizer.padding_side = "left"
-    ours = Qwen2Audio.from_pretrained(directory, device="cpu", dtype="float32", progress=False)
+    ours = Qwen2Audio.from_pretrained(directory, device="cpu", dtype=args.dtype, progress=False)
     rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.new_tokens} new tokens per request")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; "
+          f"{args.new_tokens} new tokens per request")
     for label, seconds in (("1 request", [9.0]), ("8 concurrent", [4, 5.5, 7, 8.5, 10, 11.5, 13, 15])):
         convs, clips = conversations(seconds, rng)
         run_transformers(hf, processor, convs[:1], clips[:1], 2)  # warm-up
