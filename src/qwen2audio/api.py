@@ -116,10 +116,7 @@ class Qwen2Audio:
     def complete(self, prompt: str, audios: Sequence[Any] = (), *, stream: bool = False,
                  params: SamplingParams | None = None, **sampling: Any) -> Completion | Iterator[TextDelta]:
         """A raw (base-model) prompt whose <|AUDIO|> placeholders take ``audios`` in order."""
-        pending = iter(list(audios))
-        prepared = self.processor.prepare(prompt, pending)
-        if next(pending, None) is not None:
-            raise PromptError("more audios were given than the prompt has <|AUDIO|> placeholders")
+        prepared = self.processor.prepare_many([prompt], audios)[0]
         return self._submit(prepared, _params(params, sampling), stream)
 
     def _submit(self, prompt: Any, params: SamplingParams, stream: bool) -> Completion | Iterator[TextDelta]:
@@ -131,12 +128,7 @@ class Qwen2Audio:
     def generate(self, inputs: Any, audios: Sequence[Any] | None = None, *,
                  params: SamplingParams | None = None, **sampling: Any) -> list[Completion]:
         """Replies for many conversations or raw prompts at once (continuous batching)."""
-        items = _as_items(inputs)
-        pending = iter(list(audios or []))
-        prompts = [self.processor.prepare(item, pending) for item in items]
-        leftover = sum(1 for _ in pending)
-        if leftover:
-            raise PromptError(f"{leftover} audio(s) were given that no <|AUDIO|> placeholder takes")
+        prompts = self.processor.prepare_many(_as_items(inputs), audios)
         sampling_params = _params(params, sampling)
         ids = []
         try:

@@ -149,13 +149,19 @@ class Processor:
         device: str | torch.device | None = None,
     ) -> Batch:
         """Prepare and collate a batch; see :meth:`prepare` for what one item may be."""
-        items = _as_batch(inputs)
+        prompts = self.prepare_many(_as_batch(inputs), audios, add_generation_prompt=add_generation_prompt)
+        return self.collate(prompts, device=device)
+
+    def prepare_many(
+        self, items: Sequence[PromptInput], audios: Sequence[Any] | None = None, *, add_generation_prompt: bool = True
+    ) -> list[Prompt]:
+        """Prepare several rows; raw prompts take ``audios`` in order, and every audio must be taken."""
         pending = iter(list(audios or []))
         prompts = [self.prepare(item, pending, add_generation_prompt=add_generation_prompt) for item in items]
         leftover = sum(1 for _ in pending)
         if leftover:
             raise PromptError(f"{leftover} audio(s) were given that no {AUDIO_TOKEN} placeholder takes")
-        return self.collate(prompts, device=device)
+        return prompts
 
     def render(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
         """The conversation as the checkpoint's template writes it (one placeholder per audio)."""

@@ -182,10 +182,7 @@ def create_app(model: Qwen2Audio, options: ServerOptions | None = None) -> FastA
         _check_model(body.model, options)
         sources = [{"type": "audio_url", "audio_url": {"url": a}} for a in body.audio]
         resolved = await asyncio.to_thread(_resolve_sources, sources, options.media)
-        prompt = await asyncio.to_thread(model.processor.prepare, body.prompt, iter(resolved))
-        if len(resolved) != len(prompt.audios):
-            raise APIError(400, f"{len(resolved)} audio(s) given for {len(prompt.audios)} <|AUDIO|> placeholder(s)",
-                           param="audio")
+        prompt = (await asyncio.to_thread(model.processor.prepare_many, [body.prompt], resolved))[0]
         return await _respond(server(), request, prompt, body, body.max_tokens, body.logprobs, chat=False)
 
     async def transcription(request: Request, task: str) -> Response:
