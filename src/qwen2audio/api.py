@@ -18,12 +18,12 @@ import torch
 from qwen2audio.config import ModelConfig
 from qwen2audio.engine.engine import Engine, EngineOptions
 from qwen2audio.engine.request import SamplingError, SamplingParams
-from qwen2audio.errors import CheckpointError, InputError, PromptError
+from qwen2audio.errors import CheckpointError, InputError
 from qwen2audio.hub import resolve_checkpoint
 from qwen2audio.model.attention import AttentionMetadata
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 from qwen2audio.model.weights import load_weights
-from qwen2audio.processor import Batch, Processor
+from qwen2audio.processor import Batch, Processor, as_batch
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Qwen2Audio:
     def generate(self, inputs: Any, audios: Sequence[Any] | None = None, *,
                  params: SamplingParams | None = None, **sampling: Any) -> list[Completion]:
         """Replies for many conversations or raw prompts at once (continuous batching)."""
-        prompts = self.processor.prepare_many(_as_items(inputs), audios)
+        prompts = self.processor.prepare_many(as_batch(inputs), audios)
         sampling_params = _params(params, sampling)
         ids = []
         try:
@@ -245,11 +245,3 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
     if params is not None and sampling:
         raise SamplingError("pass either params=SamplingParams(...) or keyword arguments, not both")
     return params or SamplingParams(**sampling)
-
-
-def _as_items(inputs: Any) -> list[Any]:
-    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(m, dict) for m in inputs)):
-        return [inputs]
-    if not isinstance(inputs, (list, tuple)) or not inputs:
-        raise PromptError("inputs must be a conversation, a raw prompt, or a non-empty list of them")
-    return list(inputs)

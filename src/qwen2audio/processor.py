@@ -149,7 +149,7 @@ class Processor:
         device: str | torch.device | None = None,
     ) -> Batch:
         """Prepare and collate a batch; see :meth:`prepare` for what one item may be."""
-        prompts = self.prepare_many(_as_batch(inputs), audios, add_generation_prompt=add_generation_prompt)
+        prompts = self.prepare_many(as_batch(inputs), audios, add_generation_prompt=add_generation_prompt)
         return self.collate(prompts, device=device)
 
     def prepare_many(
@@ -234,7 +234,7 @@ class Processor:
         )
 
 
-def _as_batch(inputs: Any) -> list[PromptInput]:
+def as_batch(inputs: Any) -> list[PromptInput]:
     """A single conversation or string becomes a batch of one."""
     if isinstance(inputs, str):
         return [inputs]
