@@ -127,9 +127,13 @@ class ModelRunner:
         slots: list[int] = []
         query_lens: list[int] = []
         for index, request in enumerate(requests):
-            start = request.num_computed if index < len(step.prefills) else request.num_tokens - 1
+            if index < len(step.prefills):
+                start = request.num_computed
+                ids.extend(request.all_ids[start:])
+            else:  # a decode computes the token sampled last step; no need to copy the whole history
+                start = request.num_tokens - 1
+                ids.append(request.output_ids[-1])
             span = range(start, request.num_tokens)
-            ids.extend(request.all_ids[start:])
             positions.extend(span)
             blocks = request.table.blocks
             slots.extend(blocks[p // self.block_size] * self.block_size + p % self.block_size for p in span)
