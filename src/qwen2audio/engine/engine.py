@@ -154,9 +154,16 @@ class Engine:
         return outputs
 
     def _hashes(self, request: Request) -> list[bytes]:
+        """Block hashes of the request's tokens, kept until it grows: a request waiting at the head
+        of the queue is asked for them at every step."""
+        cached = request.hash_cache
+        if cached is not None and cached[0] == request.num_tokens:
+            return cached[1]
         prompt = request.prompt
         spans = list(zip(prompt.offsets, prompt.lengths, prompt.digests, strict=True))
-        return block_hashes(token_keys(request.all_ids, spans), self.blocks.block_size)
+        hashes = block_hashes(token_keys(request.all_ids, spans), self.blocks.block_size)
+        request.hash_cache = (request.num_tokens, hashes)
+        return hashes
 
     def _retire(self, request: Request) -> None:
         full = (request.num_tokens - 1) // self.blocks.block_size  # the last token's KV was never computed

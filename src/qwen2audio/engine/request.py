@@ -108,6 +108,7 @@ class Request:
     num_computed: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    hash_cache: tuple[int, list[bytes]] | None = None  # (num_tokens, block hashes), see Engine._hashes
 
     @property
     def all_ids(self) -> list[int]:
@@ -152,3 +153,4 @@ class RequestOutput:
     completion_tokens: int = 0
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    hash_cache: tuple[int, list[bytes]] | None = None  # (num_tokens, block hashes), see Engine._hashes

@@ -155,8 +155,9 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
     plan = _plan(params, entries, tied=getattr(model.config, "tie_word_embeddings", False))
     total = sum(entry.nbytes for _, _, entry in plan)
     scratch = _Scratch()
-    direct = [(t, e) for t, e in _ordered(plan) if _is_direct(t, e)]
-    converted = [(t, e) for t, e in _ordered(plan) if not _is_direct(t, e)]
+    ordered = list(_ordered(plan))
+    direct = [(t, e) for t, e in ordered if _is_direct(t, e)]
+    converted = [(t, e) for t, e in ordered if not _is_direct(t, e)]
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=_READERS) as pool:
         # Reads straight into place need no scratch, so they run in parallel: faulting in fresh
