@@ -307,3 +307,52 @@ def test_a_request_that_breaks_a_step_fails_alone(model, monkeypatch):
     assert outputs[poisoned][-1].finish_reason == "error" and "kernel exploded" in outputs[poisoned][-1].error
     assert all(outputs[i][-1].finish_reason == "length" for i in good)
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+STATIC_ITEMS = [conv(audio(CLIPS[s]), text("Describe it.")) for s in (0.5, 3, 4)]
+
+
+@pytest.fixture(scope="module")
+def static_expected(checkpoint):
+    return oracle_generate(checkpoint, STATIC_ITEMS, [CLIPS[0.5], CLIPS[3], CLIPS[4]])
+
+
+@pytest.mark.parametrize(("kernels", "max_batch"), [(False, 2), (False, 4), (True, 2)])
+def test_static_decoder_and_kernels_give_transformers_tokens(model, static_expected, kernels, max_batch):
+    """The fixed-buffer decode path CUDA graphs replay (padded to a bucket, padded rows on the scratch
+    block), and the Triton kernels (on the CPU in Triton's interpreter), against the oracle.
+
+    Replies of 6, 12 and 24 tokens shrink the decode batch 3 -> 2 -> 1, so with max_batch 2 the first
+    steps run eagerly and the later ones through buckets 2 and 1; with 4, three rows pad to four."""
+    engine = fresh_engine(model, kernels=kernels)
+    assert engine.runner.use_kernels is kernels
+    engine.runner.use_static_decoder(max_batch)
+    calls = []
+    original = engine.runner.static.run
+    engine.runner.static.run = lambda requests: calls.append(len(requests)) or original(requests)
+    ids = [engine.add_request(engine.processor.prepare(item), SamplingParams(max_new_tokens=n, temperature=0))
+           for item, n in zip(STATIC_ITEMS, (6, 12, 24), strict=True)]
+    tokens = {i: [] for i in ids}
+    for output in engine.run(set(ids)):
+        tokens[output.request_id].extend(output.token_ids)
+    for request_id, expected, n in zip(ids, static_expected, (6, 12, 24), strict=True):
+        assert tokens[request_id] == expected[:n]
+    assert set(calls) == ({1, 2} if max_batch == 2 else {1, 2, 3})
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_and_kernels_equal_the_eager_path_on_gpu(checkpoint, static_expected):
+    """fp32 on the GPU: captured decode graphs with the compiled kernels, and the plain eager path."""
+    gpu = Qwen2Audio.from_pretrained(checkpoint, device="cuda", dtype="float32", progress=False)
+    fast = Engine(gpu.network, gpu.processor, gpu.directory, EngineOptions(max_graph_batch=4))
+    assert fast.runner.static is not None and fast.runner.static.graphs
+    eager = Engine(gpu.network, gpu.processor, gpu.directory, EngineOptions(kernels=False, enforce_eager=True))
+    for engine in (fast, eager):
+        ids = [engine.add_request(engine.processor.prepare(item), SamplingParams(max_new_tokens=n, temperature=0))
+               for item, n in zip(STATIC_ITEMS, (6, 12, 24), strict=True)]
+        tokens = {i: [] for i in ids}
+        for output in engine.run(set(ids)):
+            tokens[output.request_id].extend(output.token_ids)
+        assert [tokens[i] for i in ids] == [row[:n] for row, n in zip(static_expected, (6, 12, 24), strict=True)]

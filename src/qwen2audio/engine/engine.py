@@ -42,6 +42,9 @@ class EngineOptions:
     encoder_cache_bytes: int = 512 * 2**20
     seed: int = 0
     cpu_onednn: bool = True  # oneDNN linear layers on the CPU (False: plain torch.nn.Linear)
+    kernels: bool | None = None  # Triton kernels (None: on CUDA when triton is installed)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    max_graph_batch: int = 128  # decode steps of up to this many sequences replay a CUDA graph
 
 
 def generation_defaults(directory: pathlib.Path | None, processor: Processor) -> tuple[dict[str, Any], frozenset[int]]:
@@ -73,7 +76,8 @@ class Engine:
         self.processor = processor
         self.options = options
         self.runner = ModelRunner(network, processor.feature_extractor, options.block_size, options.kv_cache_bytes,
-                                  options.encoder_cache_bytes, options.cpu_onednn)
+                                  options.encoder_cache_bytes, options.cpu_onednn, options.kernels,
+                                  options.enforce_eager, min(options.max_graph_batch, options.max_running))
         self.blocks = BlockManager(self.runner.num_blocks, options.block_size, options.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, self._hashes, options.max_batch_tokens, options.max_running)
         self.sampler = Sampler(self.runner.device, options.seed)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from qwen2audio.audio.features import FeatureExtractor
+from qwen2audio.engine.cuda_graphs import StaticDecoder
 from qwen2audio.engine.request import Request
 from qwen2audio.engine.scheduler import ScheduledStep
 from qwen2audio.model.attention import AttentionMetadata, KVCache
@@ -58,6 +59,16 @@ def default_kv_budget(device: torch.device, per_token: int, max_context: int, me
     return min(4 * max_context * per_token, 4 * 2**30)
 
 
+def _want_kernels(requested: bool | None, device: torch.device) -> bool:
+    from qwen2audio.model import kernels_available
+
+    if requested is None:
+        return device.type == "cuda" and kernels_available(device)
+    if requested and not kernels_available(device):
+        raise ValueError(f"the Triton kernels cannot run on {device}: install triton (CPU: set TRITON_INTERPRET=1)")
+    return requested
+
+
 class EncoderCache:
     """Projected audio embeddings by clip digest, least recently used evicted past a byte budget,
     so a multi-turn chat does not encode the same clip twice."""
@@ -95,20 +106,28 @@ class ModelRunner:
         kv_cache_bytes: int | None = None,
         encoder_cache_bytes: int = 512 * 2**20,
         cpu_onednn: bool = True,
+        kernels: bool | None = None,
+        enforce_eager: bool = False,
+        max_graph_batch: int = 128,
     ) -> None:
+        """``kernels``: the Triton kernels of model/kernels.py (None: on CUDA when Triton is there).
+        ``enforce_eager``: no CUDA graphs. Decode-only steps of at most ``max_graph_batch``
+        sequences go through the static decoder (graphs on CUDA)."""
         self.network = network
         self.features = features
         self.block_size = block_size
         weight = network.language_model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.use_kernels = _want_kernels(kernels, self.device)
         if cpu_onednn and self.device.type == "cpu" and torch.backends.mkldnn.is_available():
             logger.info("oneDNN linear layers on the CPU: %d swapped", use_onednn_linears(network))
         text = network.config.text
         per_block = kv_bytes_per_block(network, block_size, self.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(
             self.device, per_block // block_size, text.max_position_embeddings)
-        self.num_blocks = max(budget // per_block, 1)
-        shape = (self.num_blocks, block_size, text.num_key_value_heads, text.head_dim)
+        self.num_blocks = max(budget // per_block - 1, 1)
+        self.scratch_block = self.num_blocks  # one more block, never handed out: padded rows write there
+        shape = (self.num_blocks + 1, block_size, text.num_key_value_heads, text.head_dim)
         self.caches: list[KVCache] = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -117,10 +136,27 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, block_size,
                     self.num_blocks * per_block / 2**30)
+        self.static: StaticDecoder | None = None
+        graphs = self.device.type == "cuda" and not enforce_eager
+        if graphs and not self.use_kernels:
+            logger.warning("no CUDA graphs: they need the Triton kernels (is triton installed?)")
+        elif graphs and max_graph_batch > 0:
+            self.static = StaticDecoder(network, self.caches, block_size, self.scratch_block,
+                                        text.max_position_embeddings, max_graph_batch, self.use_kernels)
+            self.static.capture()
+
+    def use_static_decoder(self, max_batch: int) -> None:
+        """Run decode-only steps through the static decoder without capturing graphs: the padded,
+        fixed-buffer path the graphs replay, checkable on any device."""
+        text = self.network.config.text
+        self.static = StaticDecoder(self.network, self.caches, self.block_size, self.scratch_block,
+                                    text.max_position_embeddings, max_batch, self.use_kernels)
 
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> torch.Tensor:
         """Logits [S, vocab] (float32) for step.prefills + step.decodes, in that order."""
+        if not step.prefills and self.static is not None and self.static.bucket(len(step.decodes)):
+            return self.static.run(step.decodes)
         requests = [*step.prefills, *step.decodes]
         ids: list[int] = []
         positions: list[int] = []
@@ -157,7 +193,7 @@ class ModelRunner:
         context = [r.num_tokens for r in requests]
         return AttentionMetadata(
             query_lens, context, torch.tensor(slots, dtype=torch.long, device=self.device), tables,
-            num_prefills, torch.tensor(context[num_prefills:], device=self.device),
+            num_prefills, torch.tensor(context[num_prefills:], device=self.device), self.use_kernels,
         )
 
     def _audio_inputs(

@@ -29,6 +29,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [S, max_blocks] int64
     num_prefills: int = -1  # leading sequences with several new tokens; the rest decode one each
     decode_context_lens: torch.Tensor | None = None  # [S - num_prefills] on the device
+    use_kernels: bool = False  # the Triton kernels (model/kernels.py) instead of the eager torch ops
 
     def __post_init__(self) -> None:
         if self.num_prefills < 0:
@@ -50,9 +51,13 @@ def attention(
     value: torch.Tensor,
     meta: AttentionMetadata,
     cache: KVCache | None,
+    cache_written: bool = False,
 ) -> torch.Tensor:
-    """query [N, heads, d], key/value [N, kv_heads, d] -> [N, heads, d], causal per sequence."""
-    if cache is not None:
+    """query [N, heads, d], key/value [N, kv_heads, d] -> [N, heads, d], causal per sequence.
+
+    ``cache_written``: the new keys and values are already in the cache (the fused RoPE kernel
+    stores them)."""
+    if cache is not None and not cache_written:
         _write_cache(key, value, meta, cache)
     outputs = []
     start = 0
@@ -66,7 +71,13 @@ def attention(
         outputs.append(_causal_attention(q, k, v))
         start += q_len
     if meta.num_prefills < len(meta.query_lens):
-        outputs.append(_decode_attention(query[start:], cache, meta))
+        if meta.use_kernels:
+            from qwen2audio.model import kernels
+
+            outputs.append(kernels.paged_decode_attention(
+                query[start:], cache, meta.block_tables[meta.num_prefills:], meta.decode_context_lens))
+        else:
+            outputs.append(_decode_attention(query[start:], cache, meta))
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 

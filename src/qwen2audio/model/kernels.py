@@ -1,7 +1,7 @@
 """Triton kernels for the decoder's hot path: paged decode attention and the small fused ops.
 
 Owns the kernels and their launch wrappers; it must not know about requests or scheduling.
-Importing this module needs ``triton``; callers check :func:`available` first. On a machine
+Importing this module needs ``triton``; callers check ``model.kernels_available`` first. On a machine
 without a GPU the same kernels run on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1
 is set before triton is imported (the test suite does this), slowly and in fp32 only.
 """
@@ -9,20 +9,11 @@ is set before triton is imported (the test suite does this), slowly and in fp32 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``: CUDA with Triton, or the CPU in the interpreter."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _pow2(n: int) -> int:

@@ -32,11 +32,18 @@ class Qwen2Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         """hidden [N, hidden] -> [N, hidden]."""
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.heads, self.head_dim), *rope)  # [N, heads, d]
-        k = apply_rotary(k.view(-1, self.kv_heads, self.head_dim), *rope)  # [N, kv_heads, d]
+        qkv = self.qkv_proj(hidden)  # [N, q_size + 2 * kv_size]
+        if meta.use_kernels:  # rotate in place and store the new keys/values in one kernel
+            from qwen2audio.model import kernels
+
+            kernels.rope_and_cache(qkv, *rope, self.heads, self.kv_heads, meta.slot_mapping, cache)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.heads, self.head_dim)  # [N, heads, d]
+        k = k.view(-1, self.kv_heads, self.head_dim)  # [N, kv_heads, d]
         v = v.view(-1, self.kv_heads, self.head_dim)
-        out = attention(q, k, v, meta, cache)  # [N, heads, d]
+        if not meta.use_kernels:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = attention(q, k, v, meta, cache, cache_written=meta.use_kernels)  # [N, heads, d]
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -46,8 +53,13 @@ class Qwen2MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
+    def forward(self, hidden: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        gate_up = self.gate_up_proj(hidden)  # [N, 2 * intermediate]
+        if fused:
+            from qwen2audio.model import kernels
+
+            return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -62,12 +74,21 @@ class Qwen2DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         cache: KVCache | None,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, meta, cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried beside the block's output, so that each add fuses with the
+        norm after it: (previous block's output, stream so far) -> (this block's output, stream)."""
+        fused = meta.use_kernels
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_norm(hidden, residual, fused)
+        hidden = self.self_attn(hidden, rope, meta, cache)
+        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual, fused)
+        return self.mlp(hidden, fused), residual
 
 
 class Qwen2Model(nn.Module):
@@ -89,10 +110,12 @@ class Qwen2Model(nn.Module):
     ) -> torch.Tensor:
         """embeds [N, hidden], positions [N] -> final hidden states [N, hidden]."""
         rope = self.rotary_emb(positions, embeds.dtype)
-        hidden = embeds
+        hidden, residual = embeds, None
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, rope, meta, caches[index] if caches is not None else None)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, meta, caches[index] if caches is not None else None)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm.add_norm(hidden, residual, meta.use_kernels)[0]
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -1,0 +1,116 @@
+"""Decode steps over fixed input buffers, replayed from CUDA graphs captured per batch-size bucket.
+
+Owned by the runner. A step of B decoding sequences is padded to the next bucket; padded rows
+write their key/value to a scratch block no request owns and attend to that one slot, so they
+cannot touch real requests. Without capture (the CPU, or ``enforce_eager``) the same buffers and
+padding run eagerly, which is how the tests check the indexing without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from qwen2audio.engine.request import Request
+from qwen2audio.model.attention import AttentionMetadata, KVCache
+from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+_FIELDS = 4  # per row: token id, position, slot, context length; then the block table
+
+
+class StaticDecoder:
+    def __init__(
+        self,
+        network: Qwen2AudioForConditionalGeneration,
+        caches: list[KVCache],
+        block_size: int,
+        scratch_block: int,
+        max_context: int,
+        max_batch: int,
+        use_kernels: bool,
+    ) -> None:
+        self.network, self.caches = network, caches
+        self.block_size, self.scratch_block = block_size, scratch_block
+        self.use_kernels = use_kernels
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.width = -(-max_context // block_size)  # block-table columns: enough for the longest context
+        device = network.language_model.model.embed_tokens.weight.device
+        rows, columns = self.buckets[-1], _FIELDS + self.width
+        self.host = torch.zeros(rows, columns, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.inputs = torch.zeros(rows, columns, dtype=torch.int64, device=device)
+        self._pad(0, rows)
+        self.inputs.copy_(self.host)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def bucket(self, num_seqs: int) -> int | None:
+        """The padded batch size for ``num_seqs`` decodes; None if it is past the largest bucket."""
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def run(self, requests: Sequence[Request]) -> torch.Tensor:
+        """Logits [len(requests), vocab] (float32) of one decode step of these requests."""
+        size = self.bucket(len(requests))
+        assert size is not None, "more decodes than the largest bucket"
+        self._fill(requests, size)
+        self.inputs[:size].copy_(self.host[:size], non_blocking=True)
+        captured = self.graphs.get(size)
+        if captured is None:
+            logits = self._forward(size)
+        else:
+            captured[0].replay()
+            logits = captured[1]
+        return logits[: len(requests)]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Record one graph per bucket, largest first so that the smaller ones reuse its memory pool."""
+        started = time.perf_counter()
+        torch.cuda.synchronize()
+        pool = None
+        for size in reversed(self.buckets):
+            for _ in range(2):  # first launches compile the Triton kernels and pick cuBLAS algorithms
+                self._forward(size)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+        logger.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.graphs),
+                    self.buckets, time.perf_counter() - started)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        rows = self.inputs[:size]  # [size, FIELDS + width]; every view below is a strided column
+        meta = AttentionMetadata(
+            [1] * size, [self.width * self.block_size] * size, rows[:, 2], rows[:, _FIELDS:], 0, rows[:, 3],
+            use_kernels=self.use_kernels,
+        )
+        hidden = self.network(rows[:, 0], rows[:, 1], meta, self.caches)  # [size, hidden]
+        return self.network.logits(hidden)
+
+    def _fill(self, requests: Sequence[Request], size: int) -> None:
+        """Write this step's rows into the pinned host buffer (a numpy view: no per-element torch calls)."""
+        host = self.host.numpy()
+        block_size = self.block_size
+        for row, request in enumerate(requests):
+            blocks = request.table.blocks
+            position = request.num_tokens - 1
+            line = host[row]
+            line[0] = request.output_ids[-1]
+            line[1] = position
+            line[2] = blocks[position // block_size] * block_size + position % block_size
+            line[3] = request.num_tokens
+            line[_FIELDS:_FIELDS + len(blocks)] = blocks
+        self._pad(len(requests), size)
+
+    def _pad(self, start: int, stop: int) -> None:
+        """Rows [start, stop): token 0 at position 0, written to and reading only the scratch block."""
+        host = self.host.numpy()
+        host[start:stop, :_FIELDS] = (0, 0, self.scratch_block * self.block_size, 1)
+        host[start:stop, _FIELDS:] = self.scratch_block
