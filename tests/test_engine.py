@@ -346,9 +346,10 @@ def test_static_decoder_and_kernels_give_transformers_tokens(model, static_expec
 def test_cuda_graphs_and_kernels_equal_the_eager_path_on_gpu(checkpoint, static_expected):
     """fp32 on the GPU: captured decode graphs with the compiled kernels, and the plain eager path."""
     gpu = Qwen2Audio.from_pretrained(checkpoint, device="cuda", dtype="float32", progress=False)
-    fast = Engine(gpu.network, gpu.processor, gpu.directory, EngineOptions(max_graph_batch=4))
+    fast = Engine(gpu.network, gpu.processor, gpu.directory, EngineOptions(max_graph_batch=4, kv_cache_bytes=2**26))
     assert fast.runner.static is not None and fast.runner.static.graphs
-    eager = Engine(gpu.network, gpu.processor, gpu.directory, EngineOptions(kernels=False, enforce_eager=True))
+    eager = Engine(gpu.network, gpu.processor, gpu.directory,
+                   EngineOptions(kernels=False, enforce_eager=True, kv_cache_bytes=2**26))
     for engine in (fast, eager):
         ids = [engine.add_request(engine.processor.prepare(item), SamplingParams(max_new_tokens=n, temperature=0))
                for item, n in zip(STATIC_ITEMS, (6, 12, 24), strict=True)]

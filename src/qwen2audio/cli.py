@@ -50,8 +50,11 @@ example:
 
 def _load_model(args: argparse.Namespace) -> Any:
     from qwen2audio.api import Qwen2Audio
+    from qwen2audio.engine.engine import EngineOptions
 
-    return Qwen2Audio.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    options = EngineOptions(enforce_eager=args.enforce_eager)
+    return Qwen2Audio.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet,
+                                      engine_options=options)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,6 +203,8 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
         parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="GPU: run decode steps eagerly instead of replaying CUDA graphs")
     parser.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

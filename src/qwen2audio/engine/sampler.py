@@ -55,10 +55,12 @@ class Sampler:
             sub = logits[rows]
             scaled = torch.where(sub > 0, sub / penalty[:, None], sub * penalty[:, None])
             logits[rows] = torch.where(seen, scaled, sub)
-        for i, request in enumerate(requests):
-            if len(request.output_ids) < request.params.min_new_tokens:
-                banned = [t for t in (*request.eos_ids, *request.params.stop_token_ids) if t < logits.shape[-1]]
-                logits[i, banned] = float("-inf")
+        banned = [(i, t) for i, request in enumerate(requests)
+                  if len(request.output_ids) < request.params.min_new_tokens
+                  for t in (*request.eos_ids, *request.params.stop_token_ids) if t < logits.shape[-1]]
+        if banned:  # one indexing op for the whole batch, not one per request
+            rows, cols = torch.tensor(banned, device=logits.device).T
+            logits[rows, cols] = float("-inf")
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:

@@ -169,6 +169,17 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
             bar.update(entry.nbytes)
 
 
+def parameter_views(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """For checkpoint tensor names (any accepted layout) and shapes, the slices of ``model``'s
+    parameters they would fill (a q_proj is rows of the fused qkv_proj): another implementation can
+    then run on this model's weights, as the GPU benchmark runs transformers. Same checks as loading."""
+    canonical = {canonical_name(name): name for name in shapes}
+    entries = {canon: TensorEntry(pathlib.Path(name), torch.float32, tuple(shapes[name]), 0, 0)
+               for canon, name in canonical.items()}
+    plan = _plan(dict(model.named_parameters()), entries, tied=getattr(model.config, "tie_word_embeddings", False))
+    return {canonical[name]: target for name, target, _ in plan}
+
+
 def _plan(
     params: dict[str, nn.Parameter], entries: dict[str, TensorEntry], tied: bool
 ) -> list[tuple[str, torch.Tensor, TensorEntry]]:
