@@ -119,19 +119,19 @@ def _rope_cache(QKV, Cos, Sin, Slots, KC, VC, stride_row, stride_cos, stride_slo
         y2 = (f2 * c2 + f1 * s2).to(x1.dtype)
         tl.store(base + cols, y1, mask=ok)
         tl.store(base + half + cols, y2, mask=ok)
-        if WRITE_CACHE and head >= HEADS:
+        if WRITE_CACHE:
+            if head >= HEADS:
+                slot = tl.load(Slots + token * stride_slot).to(tl.int64)
+                dst = KC + (slot * KV_HEADS + head - HEADS) * HEAD_DIM
+                tl.store(dst + cols, y1.to(KC.dtype.element_ty), mask=ok)
+                tl.store(dst + half + cols, y2.to(KC.dtype.element_ty), mask=ok)
+    else:  # a value head: copy to the cache
+        if WRITE_CACHE:
             slot = tl.load(Slots + token * stride_slot).to(tl.int64)
-            dst = KC + (slot * KV_HEADS + head - HEADS) * HEAD_DIM
-            tl.store(dst + cols, y1.to(KC.dtype.element_ty), mask=ok)
-            tl.store(dst + half + cols, y2.to(KC.dtype.element_ty), mask=ok)
-    elif WRITE_CACHE:  # a value head: copy to the cache
-        slot = tl.load(Slots + token * stride_slot).to(tl.int64)
-        dst = VC + (slot * KV_HEADS + head - HEADS - KV_HEADS) * HEAD_DIM
-        tl.store(dst + cols, tl.load(base + cols, mask=ok, other=0.0).to(VC.dtype.element_ty), mask=ok)
-        tl.store(dst + half + cols, tl.load(base + half + cols, mask=ok, other=0.0).to(VC.dtype.element_ty),
-                 mask=ok)
-
-
+            dst = VC + (slot * KV_HEADS + head - HEADS - KV_HEADS) * HEAD_DIM
+            tl.store(dst + cols, tl.load(base + cols, mask=ok, other=0.0).to(VC.dtype.element_ty), mask=ok)
+            tl.store(dst + half + cols, tl.load(base + half + cols, mask=ok, other=0.0).to(VC.dtype.element_ty),
+                     mask=ok)
 
 
 def rope_and_cache(
@@ -177,7 +177,7 @@ def _decode_split(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    length = tl.load(Lens + seq * stride_len)
+    length = tl.load(Lens + seq * stride_len).to(tl.int32)
     per_split = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE
     lo = split * per_split
     hi = tl.minimum(lo + per_split, length)

@@ -1,0 +1,364 @@
+"""GPU benchmark: our engine against transformers' generate, full Qwen2-Audio-7B architecture.
+
+    python bench/gpu.py [--requests 32] [--new-tokens 128] [--output results.json]
+    python bench/gpu.py --tiny --device cpu      # the same logic at toy size (the tests run this)
+
+Random weights are built in memory (no files): ours are drawn on the device, then transformers'
+model takes a copy of the very same numbers, so both compute the same function on the same inputs
+(our token ids and log-mel features, which the test suite checks against transformers' processor).
+Before timing it checks that they agree: last-position logits of one prompt and greedy tokens,
+and our CUDA-graph decode path against our eager path. Then, for both and as a ratio:
+
+  - time to first token, one request with a 30 s clip (ours from the raw samples: features,
+    encoder, prefill, first token; transformers from ready features);
+  - decode tokens/s of that one request;
+  - N concurrent requests (a distinct 30 s clip each, all arriving at once, --new-tokens each,
+    end tokens banned until then on both sides): decode-phase tokens/s (after every request has
+    its first token) and end-to-end output tokens/s (arrival to last token).
+
+Runs only on what a GPU machine has: torch, transformers, triton, tokenizers, jinja2, numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))  # runs from a plain checkout, no install
+
+from qwen2audio.config import ModelConfig  # noqa: E402
+from qwen2audio.engine.engine import Engine, EngineOptions  # noqa: E402
+from qwen2audio.engine.request import SamplingParams  # noqa: E402
+from qwen2audio.model.attention import AttentionMetadata  # noqa: E402
+from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration  # noqa: E402
+from qwen2audio.model.weights import parameter_views  # noqa: E402
+from qwen2audio.processor import Processor  # noqa: E402
+
+TOKENIZER = ROOT / "tests" / "data" / "qwen2-tokenizer"
+QUESTION = "What is happening in this recording? Describe the sounds and the speech in it."
+
+FULL = {  # Qwen2-Audio-7B(-Instruct): SPEC.md section 3, Qwen2 defaults written out
+    "model_type": "qwen2_audio", "audio_token_index": 151646,
+    "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 1280, "encoder_layers": 32,
+                     "encoder_attention_heads": 20, "encoder_ffn_dim": 5120, "num_mel_bins": 128,
+                     "max_source_positions": 1500, "activation_function": "gelu", "scale_embedding": False},
+    "text_config": {"model_type": "qwen2", "vocab_size": 156032, "hidden_size": 4096, "intermediate_size": 11008,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                    "bos_token_id": 151643, "eos_token_id": 151645, "tie_word_embeddings": False},
+}
+TINY = {
+    **FULL,
+    "audio_config": {**FULL["audio_config"], "d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 4,
+                     "encoder_ffn_dim": 128},
+    "text_config": {**FULL["text_config"], "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 4},
+}
+TARGETS = {"ttft_ms": 30.0, "decode_1": 220.0, "decode_n": 5000.0, "e2e_n": 2500.0}
+
+
+@dataclass
+class Figures:
+    ttft_ms: float
+    decode_1: float
+    decode_n: float
+    e2e_n: float
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_network(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Our network with N(0, 0.02) weights (norms 1, their biases 0), drawn on the device."""
+    with torch.device("meta"):
+        network = Qwen2AudioForConditionalGeneration(ModelConfig.from_dict(config))
+    network = network.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return network
+
+
+def transformers_copy(config: dict, network, device: torch.device, dtype: torch.dtype):
+    """transformers' Qwen2-Audio on the same weights (a copy: it keeps q/k/v and gate/up apart)."""
+    import transformers
+
+    hf_config = transformers.Qwen2AudioConfig(
+        audio_config=config["audio_config"], text_config=config["text_config"],
+        audio_token_index=config["audio_token_index"],
+    )
+    with torch.device(device):
+        model = transformers.Qwen2AudioForConditionalGeneration._from_config(hf_config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    params = dict(model.named_parameters())
+    views = parameter_views(network, {name: tuple(p.shape) for name, p in params.items()})
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(views[name])
+    return model
+
+
+def processor_for(config: dict, directory: pathlib.Path) -> Processor:
+    """The real Qwen2-Audio vocabulary and chat template (tests/data) beside this config."""
+    for path in TOKENIZER.iterdir():
+        shutil.copy(path, directory / path.name)
+    (directory / "config.json").write_text(json.dumps(config))
+    return Processor.from_pretrained(directory)
+
+
+def clips(count: int, seconds: float, seed: int) -> list[np.ndarray]:
+    """Distinct clips (noise under a tone sweep), so no cache can share work between requests."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return [(0.1 * rng.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * (200 + 40 * k) * t)).astype(np.float32)
+            for k in range(count)]
+
+
+def conversation(clip: np.ndarray) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": QUESTION}]}]
+
+
+# --- ours -------------------------------------------------------------------------------------
+
+
+def ours_run(engine: Engine, batch: list[np.ndarray], new_tokens: int) -> tuple[float, float, float, list[list[int]]]:
+    """All requests arrive at once: (seconds to every first token, to the last token, first token of
+    the first request, token ids)."""
+    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0)
+    start = time.perf_counter()
+    ids = [engine.add_request(engine.processor.prepare(conversation(clip)), params) for clip in batch]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    first_token = None
+    all_first = None
+    while engine.has_unfinished:
+        for output in engine.step():
+            tokens[output.request_id].extend(output.token_ids)
+        now = time.perf_counter() - start
+        if first_token is None and tokens[ids[0]]:
+            first_token = now
+        if all_first is None and all(tokens.values()):
+            all_first = now
+    total = time.perf_counter() - start
+    assert all(len(t) == new_tokens for t in tokens.values()), "a request ended early"
+    return all_first, total, first_token, [tokens[i] for i in ids]
+
+
+def measure_ours(engine: Engine, requests: int, new_tokens: int, repeats: int) -> Figures:
+    seed = iter(range(1000, 2000))
+    ours_run(engine, clips(1, 30, next(seed)), 4)  # warm-up: first prefill shapes, kernels
+    ours_run(engine, clips(requests, 30, next(seed)), 4)
+    singles = [ours_run(engine, clips(1, 30, next(seed)), new_tokens) for _ in range(repeats)]
+    ttft = statistics.median(s[2] for s in singles)
+    decode_1 = statistics.median((new_tokens - 1) / (s[1] - s[0]) for s in singles)
+    batches = [ours_run(engine, clips(requests, 30, next(seed)), new_tokens) for _ in range(max(1, repeats - 1))]
+    decode_n = statistics.median(requests * (new_tokens - 1) / (b[1] - b[0]) for b in batches)
+    e2e_n = statistics.median(requests * new_tokens / b[1] for b in batches)
+    return Figures(1000 * ttft, decode_1, decode_n, e2e_n)
+
+
+# --- transformers ------------------------------------------------------------------------------
+
+
+def hf_inputs(processor: Processor, batch: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> dict:
+    """Our token ids and features for transformers (every prompt here has the same length)."""
+    prompts = [processor.prepare(conversation(clip)) for clip in batch]
+    assert len({p.num_tokens for p in prompts}) == 1
+    features = processor.feature_extractor([a for p in prompts for a in p.audios], device=device)
+    ids = torch.tensor([p.token_ids for p in prompts], device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "input_features": features.input_features.to(dtype),
+            "feature_attention_mask": features.feature_attention_mask}
+
+
+def hf_generate(model, inputs: dict, new_tokens: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    synchronize(device)
+    return time.perf_counter() - start, out[:, inputs["input_ids"].shape[1]:]
+
+
+def measure_transformers(model, processor: Processor, requests: int, new_tokens: int, repeats: int,
+                         device: torch.device, dtype: torch.dtype) -> Figures:
+    seed = iter(range(1000, 2000))
+    single = hf_inputs(processor, clips(1, 30, next(seed)), device, dtype)
+    batch = hf_inputs(processor, clips(requests, 30, next(seed)), device, dtype)
+    hf_generate(model, single, 4, device)  # warm-up
+    hf_generate(model, batch, 2, device)
+    ttft = statistics.median(hf_generate(model, single, 1, device)[0] for _ in range(repeats))
+    full = hf_generate(model, single, new_tokens, device)[0]
+    batch_first = hf_generate(model, batch, 1, device)[0]
+    batch_full = hf_generate(model, batch, new_tokens, device)[0]
+    return Figures(1000 * ttft, (new_tokens - 1) / (full - ttft),
+                   requests * (new_tokens - 1) / (batch_full - batch_first), requests * new_tokens / batch_full)
+
+
+# --- agreement -----------------------------------------------------------------------------------
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def our_prompt_logits(network, processor: Processor, clip: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Last-position logits of one prompt through the eager network (no cache, no kernels)."""
+    prompt = processor.prepare(conversation(clip))
+    features = processor.feature_extractor(prompt.audios, device=device)
+    with torch.inference_mode():
+        audio = network.encode_audio(features.input_features, features.feature_attention_mask,
+                                     features.window_tokens)
+        index = torch.arange(prompt.offsets[0], prompt.offsets[0] + audio.shape[0], device=device)
+        ids = torch.tensor(prompt.token_ids, device=device)
+        hidden = network(ids, torch.arange(len(ids), device=device), AttentionMetadata.prefill([len(ids)]),
+                         None, audio, index)
+        return network.logits(hidden[-1:])[0].float().cpu()
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def section(name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    log(f"-- {name}")
+    yield
+    log(f"   ({time.perf_counter() - started:.1f} s)")
+
+
+def release() -> None:
+    """Return the memory of engines and models just dropped (their KV caches are large)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def kv_bytes(config: dict, tokens: int, dtype: torch.dtype) -> int:
+    text = config["text_config"]
+    per_token = (2 * text["num_hidden_layers"] * text["num_key_value_heads"]
+                 * (text["hidden_size"] // text["num_attention_heads"]) * torch.empty((), dtype=dtype).element_size())
+    return per_token * tokens
+
+
+def print_table(ours: Figures, theirs: Figures | None, requests: int) -> None:
+    rows = [("time to first token, 30 s clip (ms)", "ttft_ms", True),
+            ("decode, 1 request (tok/s)", "decode_1", False),
+            (f"decode phase, {requests} requests (tok/s)", "decode_n", False),
+            (f"end to end, {requests} requests (tok/s)", "e2e_n", False)]
+    log(f"{'figure':44s} {'ours':>10s} {'transformers':>13s} {'ratio':>7s} {'target':>8s}  met")
+    for label, key, lower_better in rows:
+        mine = getattr(ours, key)
+        other = getattr(theirs, key) if theirs else float("nan")
+        ratio = (other / mine if lower_better else mine / other) if theirs else float("nan")
+        target = TARGETS[key]
+        met = mine <= target if lower_better else mine >= target
+        log(f"{label:44s} {mine:10.1f} {other:13.1f} {ratio:6.2f}x {target:8.0f}  {'yes' if met else 'NO'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="toy dimensions (a CPU check of this script)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--output", help="write the figures and checks here as JSON")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = TINY if args.tiny else FULL
+    torch.backends.cuda.matmul.allow_tf32 = False
+    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "dtype": args.dtype, "requests": args.requests,
+                    "new_tokens": args.new_tokens, "tiny": args.tiny}
+    log(json.dumps(report))
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="qwen2audio-bench-"))
+    processor = processor_for(config, workdir)
+    budget = kv_bytes(config, args.requests * 1024 + 4096, dtype)
+    options = EngineOptions(kv_cache_bytes=budget, max_running=max(args.requests, 1),
+                            max_graph_batch=max(args.requests, 1), kernels=None if device.type == "cuda" else False,
+                            cpu_onednn=False)  # oneDNN would swap the linear layers transformers copies from
+
+    with section("building the network (random weights, on the device)"):
+        network = random_network(config, device, dtype)
+        report["parameters_b"] = sum(p.numel() for p in network.parameters()) / 1e9
+
+    probe = clips(1, 30, 7)[0]
+    with section("our fast path against our eager path (greedy tokens, one request)"):
+        eager = Engine(network, processor, None, EngineOptions(kv_cache_bytes=kv_bytes(config, 2048, dtype),
+                                                                kernels=False, enforce_eager=True, cpu_onednn=False))
+        eager_tokens = ours_run(eager, [probe], 32)[3][0]
+        del eager
+        release()
+        engine = Engine(network, processor, None, options)
+        fast_tokens = ours_run(engine, [probe], 32)[3][0]
+        report["fast_vs_eager_common_prefix"] = common_prefix(fast_tokens, eager_tokens)
+        log(f"   fast and eager agree on the first {report['fast_vs_eager_common_prefix']} of 32 greedy tokens")
+        our_logits = our_prompt_logits(network, processor, probe, device)
+
+    with section(f"ours: 1 request, then {args.requests} at once, {args.new_tokens} new tokens each"):
+        ours = measure_ours(engine, args.requests, args.new_tokens, args.repeats)
+        report["ours"] = vars(ours)
+        del engine
+        release()
+
+    theirs = None
+    if not args.skip_transformers:
+        with section("transformers on the same weights"):
+            model = transformers_copy(config, network, device, dtype)
+            inputs = hf_inputs(processor, [probe], device, dtype)
+            with torch.inference_mode():
+                hf_logits = model(**inputs).logits[0, -1].float().cpu()
+            hf_tokens = hf_generate(model, inputs, 32, device)[1][0].tolist()
+            report["logits_relative_l2"] = relative(our_logits, hf_logits)
+            report["same_first_token"] = bool(our_logits.argmax() == hf_logits.argmax())
+            report["greedy_common_prefix"] = common_prefix(fast_tokens, hf_tokens)
+            log(f"   last-position logits: relative L2 difference {report['logits_relative_l2']:.2e}, "
+                f"same argmax: {report['same_first_token']}; greedy tokens agree on the first "
+                f"{report['greedy_common_prefix']} of 32")
+        with section(f"transformers: 1 request, then {args.requests} at once"):
+            theirs = measure_transformers(model, processor, args.requests, args.new_tokens, args.repeats,
+                                          device, dtype)
+            report["transformers"] = vars(theirs)
+    print_table(ours, theirs, args.requests)
+    shutil.rmtree(workdir, ignore_errors=True)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # bf16: rounding differs op by op
+    report["agree"] = theirs is None or report["logits_relative_l2"] < tolerance
+    log(json.dumps(report))
+    if args.output:
+        pathlib.Path(args.output).write_text(json.dumps(report, indent=2))
+    if not report["agree"]:
+        raise SystemExit("ours and transformers disagree on the same weights and inputs")
+
+
+if __name__ == "__main__":
+    main()
