@@ -142,3 +142,12 @@ def test_paged_decode_agrees_with_the_eager_decode_path(device: str) -> None:
     new_v = v_cache.view(-1, 2, 16)[meta.slot_mapping].clone()
     eager = attention(query, new_k, new_v, meta, cache)
     _close(kernels.paged_decode_attention(query, cache, tables, context), eager, torch.float32)
+
+
+def test_self_check_passes_and_names_a_broken_kernel(monkeypatch):
+    cpu = torch.device("cpu")
+    assert kernels.self_check(14, 2, 32, 64, cpu, torch.float32) is None
+    monkeypatch.setattr(kernels, "silu_mul", lambda gate_up: gate_up[:, : gate_up.shape[1] // 2].clone())
+    assert "silu_mul" in kernels.self_check(14, 2, 32, 64, cpu, torch.float32)
+    monkeypatch.setattr(kernels, "rms_norm", lambda *args: (_ for _ in ()).throw(RuntimeError("no kernel image")))
+    assert kernels.self_check(14, 2, 32, 64, cpu, torch.float32) == "RuntimeError: no kernel image"

@@ -75,9 +75,13 @@ class Engine:
     ) -> None:
         self.processor = processor
         self.options = options
-        self.runner = ModelRunner(network, processor.feature_extractor, options.block_size, options.kv_cache_bytes,
-                                  options.encoder_cache_bytes, options.cpu_onednn, options.kernels,
-                                  options.enforce_eager, min(options.max_graph_batch, options.max_running))
+        self.runner = ModelRunner(
+            network, processor.feature_extractor, block_size=options.block_size,
+            kv_cache_bytes=options.kv_cache_bytes, encoder_cache_bytes=options.encoder_cache_bytes,
+            cpu_onednn=options.cpu_onednn, kernels=options.kernels, enforce_eager=options.enforce_eager,
+            max_graph_batch=min(options.max_graph_batch, options.max_running),
+            max_batch_tokens=options.max_batch_tokens, max_running=options.max_running,
+        )
         self.blocks = BlockManager(self.runner.num_blocks, options.block_size, options.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, self._hashes, options.max_batch_tokens, options.max_running)
         self.sampler = Sampler(self.runner.device, options.seed)

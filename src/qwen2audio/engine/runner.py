@@ -17,6 +17,7 @@ from qwen2audio.audio.features import FeatureExtractor
 from qwen2audio.engine.cuda_graphs import StaticDecoder
 from qwen2audio.engine.request import Request
 from qwen2audio.engine.scheduler import ScheduledStep
+from qwen2audio.model import kernels_available
 from qwen2audio.model.attention import AttentionMetadata, KVCache
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 
@@ -50,23 +51,53 @@ def kv_bytes_per_block(network: Qwen2AudioForConditionalGeneration, block_size: 
     return 2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim * element
 
 
-def default_kv_budget(device: torch.device, per_token: int, max_context: int, memory_fraction: float = 0.9) -> int:
-    """GPU: a fraction of the device memory left after the weights (and 1 GiB for activations).
-    CPU: room for four full contexts, at most 4 GiB (a host has other users)."""
+def activation_reserve(network: Qwen2AudioForConditionalGeneration, max_batch_tokens: int, max_running: int) -> int:
+    """Bytes one step's activations may need beside the weights and the KV cache: the widest prefill
+    (its rows through qkv, the MLP and the residual stream) or the audio windows it encodes, plus
+    the logits of every running request (and the sampler's copy), with half again for slack."""
+    text, audio = network.config.text, network.config.audio
+    element = network.language_model.model.embed_tokens.weight.element_size()
+    qkv = (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
+    decoder = max_batch_tokens * (2 * text.hidden_size + qkv + 3 * text.intermediate_size) * element
+    windows = -(-max_batch_tokens // 750) + 1
+    encoder = windows * audio.max_source_positions * (audio.encoder_ffn_dim + 4 * audio.d_model) * element
+    logits = 2 * max_running * text.vocab_size * 4
+    return int(1.5 * (max(decoder, encoder) + logits))
+
+
+def default_kv_budget(device: torch.device, per_token: int, max_context: int, reserve: int,
+                      memory_fraction: float = 0.9) -> int:
+    """GPU: a fraction of the device memory, less what is in use (the weights) and ``reserve`` for
+    activations. CPU: room for four full contexts, at most 4 GiB (a host has other users)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return max(int(total * memory_fraction) - (total - free) - 2**30, 0)
+        return max(int(total * memory_fraction) - (total - free) - reserve, 0)
     return min(4 * max_context * per_token, 4 * 2**30)
 
 
-def _want_kernels(requested: bool | None, device: torch.device) -> bool:
-    from qwen2audio.model import kernels_available
+def _want_kernels(requested: bool | None, network: Qwen2AudioForConditionalGeneration) -> bool:
+    """Use the Triton kernels if asked (None: on CUDA when Triton is installed) and they pass their
+    self-check on this device; auto mode falls back to the eager ops with a warning."""
+    weight = network.language_model.model.embed_tokens.weight
+    device = weight.device
+    if requested is False or (requested is None and device.type != "cuda"):
+        return False
+    if not kernels_available(device):
+        if requested:
+            raise ValueError(f"the Triton kernels cannot run on {device}: install triton (CPU: TRITON_INTERPRET=1)")
+        return False
+    from qwen2audio.model import kernels
 
-    if requested is None:
-        return device.type == "cuda" and kernels_available(device)
-    if requested and not kernels_available(device):
-        raise ValueError(f"the Triton kernels cannot run on {device}: install triton (CPU: set TRITON_INTERPRET=1)")
-    return requested
+    text = network.config.text
+    problem = kernels.self_check(text.num_attention_heads, text.num_key_value_heads, text.head_dim,
+                                 text.hidden_size, device, weight.dtype)
+    if problem is None:
+        return True
+    if requested:
+        raise RuntimeError(f"the Triton kernels fail their self-check on {device}: {problem}")
+    logger.warning("Triton kernels off (their self-check failed on %s: %s); eager ops and no CUDA graphs",
+                   device, problem)
+    return False
 
 
 class EncoderCache:
@@ -109,6 +140,8 @@ class ModelRunner:
         kernels: bool | None = None,
         enforce_eager: bool = False,
         max_graph_batch: int = 128,
+        max_batch_tokens: int = 16384,
+        max_running: int = 256,
     ) -> None:
         """``kernels``: the Triton kernels of model/kernels.py (None: on CUDA when Triton is there).
         ``enforce_eager``: no CUDA graphs. Decode-only steps of at most ``max_graph_batch``
@@ -118,13 +151,14 @@ class ModelRunner:
         self.block_size = block_size
         weight = network.language_model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.use_kernels = _want_kernels(kernels, self.device)
+        self.use_kernels = _want_kernels(kernels, network)
         if cpu_onednn and self.device.type == "cpu" and torch.backends.mkldnn.is_available():
             logger.info("oneDNN linear layers on the CPU: %d swapped", use_onednn_linears(network))
         text = network.config.text
         per_block = kv_bytes_per_block(network, block_size, self.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(
-            self.device, per_block // block_size, text.max_position_embeddings)
+            self.device, per_block // block_size, text.max_position_embeddings,
+            activation_reserve(network, max_batch_tokens, max_running))
         self.num_blocks = max(budget // per_block - 1, 1)
         self.scratch_block = self.num_blocks  # one more block, never handed out: padded rows write there
         shape = (self.num_blocks + 1, block_size, text.num_key_value_heads, text.head_dim)
@@ -143,7 +177,11 @@ class ModelRunner:
         elif graphs and max_graph_batch > 0:
             self.static = StaticDecoder(network, self.caches, block_size, self.scratch_block,
                                         text.max_position_embeddings, max_graph_batch, self.use_kernels)
-            self.static.capture()
+            try:
+                self.static.capture()
+            except Exception:  # a device or driver that cannot capture: decode eagerly instead
+                logger.exception("CUDA graph capture failed; decode steps run eagerly")
+                self.static = None
 
     def use_static_decoder(self, max_batch: int) -> None:
         """Run decode-only steps through the static decoder without capturing graphs: the padded,

@@ -27,8 +27,8 @@ class EncoderAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """hidden [W, S, dim], key_mask [W, 1, 1, S] (True = attend) -> [W, S, dim]."""
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden [W, S, dim], key_mask [W, 1, 1, S] (True = attend; None = all) -> [W, S, dim]."""
         windows, length, dim = hidden.shape
 
         def heads(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.self_attn_layer_norm(hidden), key_mask)
         hidden = hidden + self.fc2(F.gelu(self.fc1(self.final_layer_norm(hidden))))
         if hidden.dtype == torch.float16:  # the reference's guard against fp16 overflow
@@ -101,6 +101,8 @@ class AudioEncoder(nn.Module):
         valid = (frame_mask.sum(-1) - 1) // 2 + 1  # [W] conv2 outputs that see audio
         key_mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < valid[:, None]  # [W, S]
         key_mask = key_mask[:, None, None, :]  # [W, 1, 1, S]
+        if hidden.device.type == "cuda" and bool(key_mask.all()):
+            key_mask = None  # full windows: no mask lets SDPA pick its flash kernel
         for layer in self.layers:
             hidden = layer(hidden, key_mask)
         hidden = F.avg_pool1d(hidden.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # [W, S // 2, d]
