@@ -151,3 +151,42 @@ def test_self_check_passes_and_names_a_broken_kernel(monkeypatch):
     assert "silu_mul" in kernels.self_check(14, 2, 32, 64, cpu, torch.float32)
     monkeypatch.setattr(kernels, "rms_norm", lambda *args: (_ for _ in ()).throw(RuntimeError("no kernel image")))
     assert kernels.self_check(14, 2, 32, 64, cpu, torch.float32) == "RuntimeError: no kernel image"
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_cache_write_and_decode_read(device: str) -> None:
+    """An fp8 KV cache: the kernel stores e4m3 values as torch rounds them, and decode attention over
+    them equals attention over the widened cache.
+
+    On the CPU the values are drawn on the e4m3 grid at position 0 (no rotation), so the store
+    checks addressing and types but not rounding: Triton 3.9's interpreter rounds a value whose
+    rounding carries into the exponent wrongly (7.82 -> 4.0); the GPU converts in hardware and
+    gets random values."""
+    heads, kv_heads, head_dim, n = 4, 2, 16, 5
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=gen) * 3
+    positions = torch.arange(n)
+    if device == "cpu":
+        qkv, positions = qkv.to(FP8).float(), torch.zeros(n, dtype=torch.long)
+    qkv = qkv.to(device)
+    cos, sin = RotaryEmbedding(head_dim, 10000.0)(positions.to(device), torch.float32)
+    k_ref = apply_rotary(qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(n, kv_heads, head_dim),
+                         cos, sin)
+    v_ref = qkv[:, (heads + kv_heads) * head_dim:].reshape(n, kv_heads, head_dim).clone()
+    cache = tuple(torch.zeros(2, 4, kv_heads, head_dim, dtype=FP8, device=device) for _ in range(2))
+    slots = torch.tensor([6, 1, 7, 0, 3], device=device)
+    kernels.rope_and_cache(qkv, cos, sin, heads, kv_heads, slots, cache)
+    stored_k = cache[0].float().view(-1, kv_heads, head_dim)[slots]
+    stored_v = cache[1].float().view(-1, kv_heads, head_dim)[slots]
+    torch.testing.assert_close(stored_k, k_ref.to(FP8).float(), atol=0, rtol=0)
+    torch.testing.assert_close(stored_v, v_ref.to(FP8).float(), atol=0, rtol=0)
+
+    query, (k_cache, v_cache), tables, context = _paged_case(device, torch.float32, 4, 2, 16, [7, 40])
+    fp8_cache = (k_cache.to(FP8), v_cache.to(FP8))
+    widened = (fp8_cache[0].float(), fp8_cache[1].float())
+    _close(kernels.paged_decode_attention(query, fp8_cache, tables, context, splits=2),
+           kernels.paged_decode_attention(query, widened, tables, context, splits=2), torch.float32)
+    assert kernels.self_check(4, 2, 16, 64, torch.device(device), torch.float32, FP8) is None

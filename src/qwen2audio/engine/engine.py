@@ -45,6 +45,7 @@ class EngineOptions:
     kernels: bool | None = None  # Triton kernels (None: on CUDA when triton is installed)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     max_graph_batch: int = 128  # decode steps of up to this many sequences replay a CUDA graph
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" (e4m3: half the KV bytes)
 
 
 def generation_defaults(directory: pathlib.Path | None, processor: Processor) -> tuple[dict[str, Any], frozenset[int]]:
@@ -81,6 +82,7 @@ class Engine:
             cpu_onednn=options.cpu_onednn, kernels=options.kernels, enforce_eager=options.enforce_eager,
             max_graph_batch=min(options.max_graph_batch, options.max_running),
             max_batch_tokens=options.max_batch_tokens, max_running=options.max_running,
+            kv_cache_dtype=options.kv_cache_dtype,
         )
         self.blocks = BlockManager(self.runner.num_blocks, options.block_size, options.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, self._hashes, options.max_batch_tokens, options.max_running)

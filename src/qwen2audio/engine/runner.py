@@ -75,7 +75,16 @@ def default_kv_budget(device: torch.device, per_token: int, max_context: int, re
     return min(4 * max_context * per_token, 4 * 2**30)
 
 
-def _want_kernels(requested: bool | None, network: Qwen2AudioForConditionalGeneration) -> bool:
+def _cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    choices = {"auto": model_dtype, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+    if name not in choices:
+        raise ValueError(f"kv_cache_dtype {name!r}: choose one of {', '.join(choices)}")
+    return choices[name]
+
+
+def _want_kernels(
+    requested: bool | None, network: Qwen2AudioForConditionalGeneration, cache_dtype: torch.dtype
+) -> bool:
     """Use the Triton kernels if asked (None: on CUDA when Triton is installed) and they pass their
     self-check on this device; auto mode falls back to the eager ops with a warning."""
     weight = network.language_model.model.embed_tokens.weight
@@ -90,7 +99,7 @@ def _want_kernels(requested: bool | None, network: Qwen2AudioForConditionalGener
 
     text = network.config.text
     problem = kernels.self_check(text.num_attention_heads, text.num_key_value_heads, text.head_dim,
-                                 text.hidden_size, device, weight.dtype)
+                                 text.hidden_size, device, weight.dtype, cache_dtype)
     if problem is None:
         return True
     if requested:
@@ -142,20 +151,24 @@ class ModelRunner:
         max_graph_batch: int = 128,
         max_batch_tokens: int = 16384,
         max_running: int = 256,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """``kernels``: the Triton kernels of model/kernels.py (None: on CUDA when Triton is there).
         ``enforce_eager``: no CUDA graphs. Decode-only steps of at most ``max_graph_batch``
-        sequences go through the static decoder (graphs on CUDA)."""
+        sequences go through the static decoder (graphs on CUDA). ``kv_cache_dtype``: "auto" (the
+        model's dtype) or "fp8" (float8 e4m3, unscaled: half the bytes a decode step reads, at some
+        precision; opt-in, as in vLLM)."""
         self.network = network
         self.features = features
         self.block_size = block_size
         weight = network.language_model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.use_kernels = _want_kernels(kernels, network)
+        self.cache_dtype = _cache_dtype(kv_cache_dtype, self.dtype)
+        self.use_kernels = _want_kernels(kernels, network, self.cache_dtype)
         if cpu_onednn and self.device.type == "cpu" and torch.backends.mkldnn.is_available():
             logger.info("oneDNN linear layers on the CPU: %d swapped", use_onednn_linears(network))
         text = network.config.text
-        per_block = kv_bytes_per_block(network, block_size, self.dtype)
+        per_block = kv_bytes_per_block(network, block_size, self.cache_dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(
             self.device, per_block // block_size, text.max_position_embeddings,
             activation_reserve(network, max_batch_tokens, max_running))
@@ -163,8 +176,8 @@ class ModelRunner:
         self.scratch_block = self.num_blocks  # one more block, never handed out: padded rows write there
         shape = (self.num_blocks + 1, block_size, text.num_key_value_heads, text.head_dim)
         self.caches: list[KVCache] = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.cache_dtype, device=self.device))
             for _ in range(text.num_hidden_layers)
         ]
         self.encoder_cache = EncoderCache(encoder_cache_bytes)

@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, kv_heads, head_dim]
+FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
@@ -67,7 +68,7 @@ def attention(
         if cache is None:
             k, v = key[start:start + q_len], value[start:start + q_len]
         else:
-            k, v = _read_cache(cache, meta.block_tables[index], ctx_len)
+            k, v = _read_cache(cache, meta.block_tables[index], ctx_len, query.dtype)
         outputs.append(_causal_attention(q, k, v))
         start += q_len
     if meta.num_prefills < len(meta.query_lens):
@@ -87,8 +88,8 @@ def _decode_attention(query: torch.Tensor, cache: KVCache, meta: AttentionMetada
     block_size = k_cache.shape[1]
     longest = max(meta.context_lens[meta.num_prefills:])
     tables = meta.block_tables[meta.num_prefills:, : -(-longest // block_size)]  # [D, B]
-    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [D, KVH, B * block, d]
-    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    keys = _gather(k_cache, tables, query.dtype).flatten(1, 2).transpose(1, 2)  # [D, KVH, B * block, d]
+    values = _gather(v_cache, tables, query.dtype).flatten(1, 2).transpose(1, 2)
     visible = torch.arange(keys.shape[2], device=query.device)[None, :] < meta.decode_context_lens[:, None]
     out = F.scaled_dot_product_attention(
         query[:, :, None, :], keys, values, attn_mask=visible[:, None, None, :],
@@ -114,17 +115,29 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out.transpose(0, 1)  # [Lq, H, d]
 
 
+def _as_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """fp8 caches are indexed through a uint8 view: torch has no fp8 index_copy_ or gather kernels."""
+    return cache.view(torch.uint8) if cache.dtype in FP8_TYPES else cache
+
+
+def _gather(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[index] in ``dtype`` (an fp8 cache widens here)."""
+    return _as_bytes(cache)[index].view(cache.dtype).to(dtype)
+
+
 def _write_cache(key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> None:
-    k_cache, v_cache = cache
     slots = meta.slot_mapping
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+    for tensor, new in zip(cache, (key, value), strict=True):
+        flat = _as_bytes(tensor).view(-1, *tensor.shape[2:])  # [slots, KVH, d]
+        flat.index_copy_(0, slots, _as_bytes(new.to(tensor.dtype)))
 
 
-def _read_cache(cache: KVCache, block_table: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_cache(
+    cache: KVCache, block_table: torch.Tensor, ctx_len: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     k_cache, v_cache = cache
     block_size = k_cache.shape[1]
     blocks = block_table[: -(-ctx_len // block_size)].long()
-    k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:ctx_len]  # [ctx, KVH, d]
-    v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:ctx_len]
+    k = _gather(k_cache, blocks, dtype).reshape(-1, *k_cache.shape[2:])[:ctx_len]  # [ctx, KVH, d]
+    v = _gather(v_cache, blocks, dtype).reshape(-1, *v_cache.shape[2:])[:ctx_len]
     return k, v

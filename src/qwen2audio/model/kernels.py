@@ -197,8 +197,8 @@ def _decode_split(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
         blocks = tl.load(Tables + seq * stride_tb + offs // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
         rows = blocks * stride_kb + (offs % BLOCK_SIZE) * stride_ks + kv_head * stride_kh  # [TILE]
         kv_ok = ok[:, None] & d_ok[None, :]
-        k = tl.load(KC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0)  # [TILE, BLOCK_D]
-        v = tl.load(VC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(KC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0).to(q.dtype)  # [TILE, BLOCK_D]
+        v = tl.load(VC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TILE]
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -291,7 +291,7 @@ def paged_decode_attention(
 
 
 def self_check(heads: int, kv_heads: int, head_dim: int, hidden: int, device: torch.device,
-               dtype: torch.dtype) -> str | None:
+               dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> str | None:
     """Run every kernel once at the model's sizes against the eager torch code; the problem found,
     or None. Compiles the kernels too, so the first real step (or a graph capture) does not."""
     from torch.nn import functional as F
@@ -323,14 +323,14 @@ def self_check(heads: int, kv_heads: int, head_dim: int, hidden: int, device: to
         qkv = randn(n, (heads + 2 * kv_heads) * head_dim)
         cos, sin = RotaryEmbedding(head_dim, 10000.0)(torch.arange(n, device=device), dtype)
         q_ref = apply_rotary(qkv[:, : heads * head_dim].reshape(n, heads, head_dim), cos, sin)
-        cache = (torch.zeros(3, block_size, kv_heads, head_dim, dtype=dtype, device=device),
-                 torch.zeros(3, block_size, kv_heads, head_dim, dtype=dtype, device=device))
+        cache = (torch.zeros(3, block_size, kv_heads, head_dim, dtype=cache_dtype or dtype, device=device),
+                 torch.zeros(3, block_size, kv_heads, head_dim, dtype=cache_dtype or dtype, device=device))
         rope_and_cache(qkv, cos, sin, heads, kv_heads, torch.arange(n, device=device), cache)
         if differs(qkv[:, : heads * head_dim].reshape(n, heads, head_dim), q_ref):
             return "rope_and_cache differs from apply_rotary"
         query = randn(1, heads, head_dim)
-        keys = cache[0].view(-1, kv_heads, head_dim)[:n].transpose(0, 1)  # [KVH, n, d]
-        values = cache[1].view(-1, kv_heads, head_dim)[:n].transpose(0, 1)
+        keys = cache[0].view(-1, kv_heads, head_dim)[:n].transpose(0, 1).to(dtype)  # [KVH, n, d]
+        values = cache[1].view(-1, kv_heads, head_dim)[:n].transpose(0, 1).to(dtype)
         expected = F.scaled_dot_product_attention(query[0][:, None, :], keys, values,
                                                   enable_gqa=heads != kv_heads)[:, 0, :]
         tables = torch.tensor([[0, 1, 2]], dtype=torch.int32, device=device)
