@@ -341,24 +341,6 @@ def test_static_decoder_and_kernels_give_transformers_tokens(model, static_expec
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_and_kernels_equal_the_eager_path_on_gpu(checkpoint, static_expected):
-    """fp32 on the GPU: captured decode graphs with the compiled kernels, and the plain eager path."""
-    gpu = Qwen2Audio.from_pretrained(checkpoint, device="cuda", dtype="float32", progress=False)
-    fast = Engine(gpu.network, gpu.processor, gpu.directory, EngineOptions(max_graph_batch=4, kv_cache_bytes=2**26))
-    assert fast.runner.static is not None and fast.runner.static.graphs
-    eager = Engine(gpu.network, gpu.processor, gpu.directory,
-                   EngineOptions(kernels=False, enforce_eager=True, kv_cache_bytes=2**26))
-    for engine in (fast, eager):
-        ids = [engine.add_request(engine.processor.prepare(item), SamplingParams(max_new_tokens=n, temperature=0))
-               for item, n in zip(STATIC_ITEMS, (6, 12, 24), strict=True)]
-        tokens = {i: [] for i in ids}
-        for output in engine.run(set(ids)):
-            tokens[output.request_id].extend(output.token_ids)
-        assert [tokens[i] for i in ids] == [row[:n] for row, n in zip(static_expected, (6, 12, 24), strict=True)]
-
-
 def test_fp8_kv_cache_quarters_fp32_bytes_and_decodes_alike_on_both_paths(model, static_expected):
     """fp8 (e4m3) KV storage: four times the fp32 blocks for the same bytes; the first token (from
     the prefill, whose attention reads the fresh keys) is the oracle's; the static decoder reads the

@@ -1,0 +1,111 @@
+"""The fast decode path against the eager one, on whatever device is here.
+
+On CUDA "fast" means the compiled Triton kernels and captured CUDA graphs; on the CPU it means the
+static decoder the graphs replay, run eagerly (the kernels' CPU run is in test_kernels.py and
+test_engine.py). These tests need no audio decoding libraries and compare our paths with each
+other, not with transformers, so they also run on a GPU machine whose transformers differs from
+the pinned oracle: `python -m pytest tests/test_kernels.py tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qwen2audio.api import Qwen2Audio
+from qwen2audio.engine.engine import Engine, EngineOptions
+from qwen2audio.engine.request import SamplingParams
+
+from checkpoints import build_checkpoint
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+RNG = np.random.default_rng(3)
+CLIPS = [(RNG.standard_normal(int(s * 16000)) * 0.1).astype(np.float32) for s in (0.5, 3, 4, 7, 2)]
+LENGTHS = (6, 12, 24, 9, 15)  # the decode batch shrinks and grows through several buckets
+
+
+def conversation(clip: np.ndarray, k: int) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "audio", "audio": clip},
+                                         {"type": "text", "text": f"Question {k}: describe it."}]}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("gpu") / "ckpt", kv_heads=2, seed=4)
+
+
+def engines(model: Qwen2Audio, **options) -> tuple[Engine, Engine]:
+    """(fast, eager) engines over one network."""
+    budget = {"kv_cache_bytes": 2**26}
+    fast = Engine(model.network, model.processor, model.directory,
+                  EngineOptions(max_graph_batch=4, cpu_onednn=False, **budget, **options))
+    if model.network.language_model.model.embed_tokens.weight.is_cuda:
+        assert fast.runner.use_kernels and fast.runner.static is not None and fast.runner.static.graphs
+    else:
+        fast.runner.use_static_decoder(4)
+    eager = Engine(model.network, model.processor, model.directory,
+                   EngineOptions(kernels=False, enforce_eager=True, cpu_onednn=False, **budget, **options))
+    assert eager.runner.static is None
+    return fast, eager
+
+
+def staggered_run(engine: Engine, logprobs: int | None = None) -> list[tuple[list[int], list[float]]]:
+    """Two requests, then three more after two steps: (tokens, chosen-token logprobs) per request."""
+    ids: list[str] = []
+    tokens: dict[str, tuple[list[int], list[float]]] = {}
+
+    def take(outputs) -> None:
+        for output in outputs:
+            tokens[output.request_id][0].extend(output.token_ids)
+            tokens[output.request_id][1].extend(entry["logprob"] for entry in output.logprobs)
+
+    for k, (clip, n) in enumerate(zip(CLIPS, LENGTHS, strict=True)):
+        params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0, logprobs=logprobs)
+        ids.append(engine.add_request(engine.processor.prepare(conversation(clip, k)), params))
+        tokens[ids[-1]] = ([], [])
+        if k == 1:
+            take(engine.step())
+            take(engine.step())
+    take(engine.run(set(ids)))
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    return [tokens[i] for i in ids]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_decode_gives_the_eager_tokens_in_fp32(checkpoint, device):
+    model = Qwen2Audio.from_pretrained(checkpoint, device=device, dtype="float32", progress=False)
+    fast, eager = engines(model)
+    got, expected = staggered_run(fast), staggered_run(eager)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [len(t) for t, _ in got] == list(LENGTHS)
+    if device == "cuda":  # and the eager GPU path gives what the CPU engine gives
+        cpu = Qwen2Audio.from_pretrained(checkpoint, device="cpu", dtype="float32", progress=False)
+        assert [t for t, _ in staggered_run(engines(cpu)[1])] == [t for t, _ in expected]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_fast_decode_in_bf16_stays_within_tolerance_of_eager(checkpoint, kv_cache_dtype):
+    """bf16 rounds differently op by op (split-K attention, fused norms): the chosen tokens' logprobs
+    agree closely while the tokens agree, and the first tokens agree."""
+    model = Qwen2Audio.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False)
+    fast, eager = engines(model, kv_cache_dtype=kv_cache_dtype)
+    got, expected = staggered_run(fast, logprobs=1), staggered_run(eager, logprobs=1)
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, expected, strict=True):
+        assert tokens[0] == ref_tokens[0]
+        same = next((k for k, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), len(tokens))
+        assert max(abs(a - b) for a, b in zip(logprobs[:same], ref_logprobs[:same], strict=True)) < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_features_equal_cpu_features():
+    from qwen2audio.audio.features import FeatureExtractor
+
+    extractor = FeatureExtractor()
+    cpu = extractor([*CLIPS, np.zeros(40 * 16000, dtype=np.float32)])
+    gpu = extractor([*CLIPS, np.zeros(40 * 16000, dtype=np.float32)], device="cuda")
+    torch.testing.assert_close(gpu.input_features.cpu(), cpu.input_features, atol=1e-4, rtol=0)
+    assert torch.equal(gpu.feature_attention_mask.cpu(), cpu.feature_attention_mask)
