@@ -365,3 +365,19 @@ def test_fp8_kv_cache_quarters_fp32_bytes_and_decodes_alike_on_both_paths(model,
     assert got_eager != [row[:12] for row in static_expected]  # fp8 is not free: the replies drift
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         fresh_engine(model, kv_cache_dtype="int4")
+
+
+def test_sampler_counts_tokens_still_on_the_device_for_min_new_tokens():
+    """A pipelined step samples before the previous token reaches the host (lag 1): min_new_tokens
+    must count that token, or end tokens stay banned one step too long."""
+    from types import SimpleNamespace
+
+    from qwen2audio.engine.sampler import Sampler
+
+    params = SamplingParams(max_new_tokens=10, min_new_tokens=3, temperature=0, stop_token_ids=[4]).with_defaults({})
+    request = SimpleNamespace(params=params, output_ids=[7, 8], eos_ids=frozenset({5}), all_ids=[1, 7, 8])
+    logits = torch.zeros(1, 10)
+    logits[0, 5], logits[0, 4], logits[0, 2] = 3.0, 2.0, 1.0
+    sampler = Sampler(torch.device("cpu"))
+    assert sampler.sample_on_device(logits, [request]).tolist() == [2]  # 2 tokens of 3: both end tokens banned
+    assert sampler.sample_on_device(logits, [request], lag=1).tolist() == [5]  # the third is in flight

@@ -35,18 +35,20 @@ def checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("gpu") / "ckpt", kv_heads=2, seed=4)
 
 
-def engines(model: Qwen2Audio, **options) -> tuple[Engine, Engine]:
-    """(fast, eager) engines over one network."""
+def engines(model: Qwen2Audio, async_decode: bool = False, max_batch: int = 4, **options) -> tuple[Engine, Engine]:
+    """(fast, eager) engines over one network; ``async_decode``: the fast one pipelines its decode steps."""
     budget = {"kv_cache_bytes": 2**26}
     fast = Engine(model.network, model.processor, model.directory,
-                  EngineOptions(max_graph_batch=4, cpu_onednn=False, **budget, **options))
+                  EngineOptions(max_graph_batch=max_batch, cpu_onednn=False, async_decode=async_decode, **budget,
+                                **options))
     if model.network.language_model.model.embed_tokens.weight.is_cuda:
         assert fast.runner.use_kernels and fast.runner.static is not None and fast.runner.static.graphs
     else:
-        fast.runner.use_static_decoder(4)
+        fast.runner.use_static_decoder(max_batch)
     eager = Engine(model.network, model.processor, model.directory,
-                   EngineOptions(kernels=False, enforce_eager=True, cpu_onednn=False, **budget, **options))
-    assert eager.runner.static is None
+                   EngineOptions(kernels=False, enforce_eager=True, cpu_onednn=False, async_decode=False, **budget,
+                                 **options))
+    assert eager.runner.static is None and not eager.pipelined
     return fast, eager
 
 
@@ -109,3 +111,93 @@ def test_cuda_features_equal_cpu_features():
     gpu = extractor([*CLIPS, np.zeros(40 * 16000, dtype=np.float32)], device="cuda")
     torch.testing.assert_close(gpu.input_features.cpu(), cpu.input_features, atol=1e-4, rtol=0)
     assert torch.equal(gpu.feature_attention_mask.cpu(), cpu.feature_attention_mask)
+
+
+def mixed_run(engine: Engine, stop_token: int, abort_at: int | None = None) -> dict[int, tuple[list[int], str | None]]:
+    """Greedy and seeded-sampling requests, one ending early on ``stop_token``, arrivals between
+    steps, and optionally an abort of request 1 after ``abort_at`` steps: tokens and finish reason
+    per request."""
+    params = [
+        SamplingParams(max_new_tokens=14, temperature=0),
+        SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.9, seed=7),
+        SamplingParams(max_new_tokens=11, temperature=0, min_new_tokens=3, stop_token_ids=(stop_token,)),
+        SamplingParams(max_new_tokens=17, temperature=1.0, seed=3, min_new_tokens=17),
+        SamplingParams(max_new_tokens=9, temperature=0),
+    ]
+    ids: dict[str, int] = {}
+    tokens: dict[int, list[int]] = {}
+    reasons: dict[int, str | None] = {}
+
+    def take(outputs) -> None:
+        for output in outputs:
+            k = ids[output.request_id]
+            tokens[k].extend(output.token_ids)
+            reasons[k] = output.finish_reason
+
+    steps = 0
+    for k, (clip, param) in enumerate(zip(CLIPS, params, strict=True)):
+        request_id = engine.add_request(engine.processor.prepare(conversation(clip, k)), param)
+        ids[request_id], tokens[k], reasons[k] = k, [], None
+        for _ in range(3 if k < 2 else 1):
+            take(engine.step())
+            steps += 1
+    while engine.has_unfinished:
+        take(engine.step())
+        steps += 1
+        if abort_at is not None and steps == abort_at:
+            engine.abort(next(i for i, k in ids.items() if k == 1))
+            reasons[1] = "abort"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    return {k: (tokens[k], reasons[k]) for k in tokens}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pipelined_decode_gives_what_the_plain_engine_gives(checkpoint, device):
+    """Steps launched before the previous one is read: the same tokens, finish reasons and freed
+    blocks as the plain engine, through end tokens, stop tokens, min_new_tokens, seeded sampling,
+    arrivals mid-stream and an abort while a step is in flight."""
+    model = Qwen2Audio.from_pretrained(checkpoint, device=device, dtype="float32", progress=False)
+    fast, plain = engines(model, async_decode=True, max_batch=8)
+    alone = plain.add_request(plain.processor.prepare(conversation(CLIPS[2], 2)),
+                              SamplingParams(max_new_tokens=8, temperature=0))
+    stop_token = [t for output in plain.run({alone}) for t in output.token_ids][4]  # request 2 stops early
+    launches = []
+    original = fast._launch
+    fast._launch = lambda requests, ahead, tokens: launches.append(ahead) or original(requests, ahead, tokens)
+    expected = mixed_run(plain, stop_token)
+    assert mixed_run(fast, stop_token) == expected
+    assert launches.count(1) > 3 * launches.count(0)  # most decode steps ran ahead
+    assert expected[2][1] == "stop" and len(expected[2][0]) <= 5
+    fast._launch = original
+    aborted = mixed_run(fast, stop_token, abort_at=12)
+    assert aborted[1][1] == "abort" and len(aborted[1][0]) < len(expected[1][0])
+    assert {k: v for k, v in aborted.items() if k != 1} == {k: v for k, v in expected.items() if k != 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_launching_a_pipelined_decode_step_never_waits_for_the_gpu(checkpoint):
+    """Everything a step launches (input copies, graph replay, sampling with min_new_tokens and
+    seeded top-k/top-p, the copy of the tokens back) runs under torch's sync debug mode set to
+    error: a pageable copy or a .item() there would raise. Reading the finished step waits on its
+    event, by design, outside that check."""
+    model = Qwen2Audio.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False)
+    fast, _ = engines(model, async_decode=True)
+    original, checked = fast._launch, []
+
+    def strict_launch(requests, ahead, tokens):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(requests, ahead, tokens)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            checked.append(ahead)
+
+    fast._launch = strict_launch
+    for k, clip in enumerate(CLIPS[:3]):
+        params = SamplingParams(max_new_tokens=30, min_new_tokens=20, temperature=0.7 * k, top_k=20, top_p=0.9,
+                                seed=k or None)
+        fast.add_request(fast.processor.prepare(conversation(clip, k)), params)
+    while fast.has_unfinished:
+        fast.step()
+    assert checked.count(1) > 20

@@ -42,22 +42,35 @@ class StaticDecoder:
         self.width = -(-max_context // block_size)  # block-table columns: enough for the longest context
         device = network.language_model.model.embed_tokens.weight.device
         rows, columns = self.buckets[-1], _FIELDS + self.width
-        self.host = torch.zeros(rows, columns, dtype=torch.int64, pin_memory=device.type == "cuda")
+        # Two host buffers, used in turn: with pipelined steps the copy from one may still be queued
+        # when the next step's rows are written (the one before it has been waited for).
+        self.hosts = [torch.zeros(rows, columns, dtype=torch.int64, pin_memory=device.type == "cuda")
+                      for _ in range(2)]
+        self.turn = 0
         self.inputs = torch.zeros(rows, columns, dtype=torch.int64, device=device)
-        self._pad(0, rows)
-        self.inputs.copy_(self.host)
+        self._pad(self.hosts[0], 0, rows)
+        self.inputs.copy_(self.hosts[0])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket(self, num_seqs: int) -> int | None:
         """The padded batch size for ``num_seqs`` decodes; None if it is past the largest bucket."""
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def run(self, requests: Sequence[Request]) -> torch.Tensor:
-        """Logits [len(requests), vocab] (float32) of one decode step of these requests."""
+    def run(
+        self, requests: Sequence[Request], ahead: int = 0, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [len(requests), vocab] (float32) of one decode step of these requests.
+
+        ``ahead`` = 1: each request's newest token is not on the host yet; ``tokens`` [len(requests)]
+        holds them on the device (a pipelined step, launched before the previous one was read)."""
         size = self.bucket(len(requests))
         assert size is not None, "more decodes than the largest bucket"
-        self._fill(requests, size)
-        self.inputs[:size].copy_(self.host[:size], non_blocking=True)
+        host = self.hosts[self.turn]
+        self.turn ^= 1
+        self._fill(host, requests, size, ahead)
+        self.inputs[:size].copy_(host[:size], non_blocking=True)
+        if tokens is not None:
+            self.inputs[: len(requests), 0].copy_(tokens)
         captured = self.graphs.get(size)
         if captured is None:
             logits = self._forward(size)
@@ -94,23 +107,23 @@ class StaticDecoder:
         hidden = self.network(rows[:, 0], rows[:, 1], meta, self.caches)  # [size, hidden]
         return self.network.logits(hidden)
 
-    def _fill(self, requests: Sequence[Request], size: int) -> None:
-        """Write this step's rows into the pinned host buffer (a numpy view: no per-element torch calls)."""
-        host = self.host.numpy()
+    def _fill(self, host_buffer: torch.Tensor, requests: Sequence[Request], size: int, ahead: int) -> None:
+        """Write this step's rows into a pinned host buffer (a numpy view: no per-element torch calls)."""
+        host = host_buffer.numpy()
         block_size = self.block_size
         for row, request in enumerate(requests):
             blocks = request.table.blocks
-            position = request.num_tokens - 1
+            position = request.num_tokens - 1 + ahead
             line = host[row]
-            line[0] = request.output_ids[-1]
+            line[0] = request.output_ids[-1] if not ahead else 0  # ahead: copied in on the device
             line[1] = position
             line[2] = blocks[position // block_size] * block_size + position % block_size
-            line[3] = request.num_tokens
+            line[3] = position + 1
             line[_FIELDS:_FIELDS + len(blocks)] = blocks
-        self._pad(len(requests), size)
+        self._pad(host_buffer, len(requests), size)
 
-    def _pad(self, start: int, stop: int) -> None:
+    def _pad(self, host_buffer: torch.Tensor, start: int, stop: int) -> None:
         """Rows [start, stop): token 0 at position 0, written to and reading only the scratch block."""
-        host = self.host.numpy()
+        host = host_buffer.numpy()
         host[start:stop, :_FIELDS] = (0, 0, self.scratch_block * self.block_size, 1)
         host[start:stop, _FIELDS:] = self.scratch_block

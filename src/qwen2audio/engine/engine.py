@@ -46,6 +46,7 @@ class EngineOptions:
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     max_graph_batch: int = 128  # decode steps of up to this many sequences replay a CUDA graph
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" (e4m3: half the KV bytes)
+    async_decode: bool | None = None  # launch decode step n+1 before reading step n (None: with CUDA graphs)
 
 
 def generation_defaults(directory: pathlib.Path | None, processor: Processor) -> tuple[dict[str, Any], frozenset[int]]:
@@ -62,6 +63,16 @@ def generation_defaults(directory: pathlib.Path | None, processor: Processor) ->
     eos = config.get("eos_token_id", processor.tokenizer.eos_id)
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
     return defaults, eos_ids
+
+
+@dataclass
+class _Inflight:
+    """A decode step launched but not read yet."""
+
+    requests: list[Request]
+    tokens: torch.Tensor  # [S] sampled, on the device
+    host: torch.Tensor  # [S] pinned; an asynchronous copy of tokens
+    done: torch.cuda.Event | None  # recorded after that copy (None on the CPU, where copies are synchronous)
 
 
 class Engine:
@@ -92,6 +103,13 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.driven_by: object | None = None  # the AsyncEngine stepping this engine, if any
+        self.pipelined = (options.async_decode if options.async_decode is not None
+                          else self.runner.static is not None and self.runner.device.type == "cuda")
+        self._inflight: _Inflight | None = None
+        rows = max(options.max_graph_batch, 1)
+        self._host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=self.runner.device.type == "cuda")
+                             for _ in range(2)]  # used in turn, like the static decoder's input buffers
+        self._turn = 0
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a prepared prompt; returns its id. Bad parameters or an over-long prompt raise here."""
@@ -125,11 +143,25 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; report what each scheduled request produced."""
+        """Run one batch; report what each scheduled request produced.
+
+        Pipelined decoding (``async_decode``): a decode-only step is launched and left running; the
+        next call launches the step after it, whose input tokens are still on the device, before
+        reading this one, so the host's bookkeeping overlaps the GPU's work and the decode loop never
+        waits on the device except for tokens a step already finished. Outputs arrive one call later.
+        """
+        if self._inflight is not None:
+            return self._advance()
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
         if scheduled.empty:
             return []
+        if not scheduled.prefills and self._pipelinable(scheduled.decodes):
+            try:
+                self._inflight = self._launch(scheduled.decodes, ahead=0, tokens=None)
+                return []
+            except Exception:
+                logger.exception("pipelined decode step failed to launch; running it the plain way")
         try:
             return self._run(scheduled)
         except Exception:  # a failing batch must not take the engine (or its other requests) down
@@ -149,18 +181,87 @@ class Engine:
         requests = [*scheduled.prefills, *scheduled.decodes]
         logits = self.runner.execute(scheduled)
         result = self.sampler.sample(logits, requests)
+        return [self._commit(request, token, logprob, prefill=index < len(scheduled.prefills))
+                for index, (request, token, logprob) in enumerate(
+                    zip(requests, result.tokens, result.logprobs, strict=True))]
+
+    def _commit(self, request: Request, token: int, logprob: dict | None, prefill: bool) -> RequestOutput:
+        """Record a token the model produced for ``request`` (all its earlier tokens are now computed)."""
+        request.num_computed = request.num_tokens
+        if prefill:
+            full = request.num_computed // self.blocks.block_size
+            self.blocks.publish(request.table, self._hashes(request)[:full])
+        delta = request.append(token)
+        if logprob is not None:
+            request.logprobs.append(logprob)
+        if request.finish_reason is not None:
+            self._retire(request)
+        return self._output(request, delta, [token], [logprob] if logprob else [])
+
+    # -- pipelined decoding ------------------------------------------------------------------------
+
+    def _pipelinable(self, requests: list[Request]) -> bool:
+        """Decode steps through the static decoder whose sampling needs no history the host has not
+        seen yet (repetition penalty, logprobs) can run ahead."""
+        static = self.runner.static
+        return (self.pipelined and static is not None and bool(requests) and static.bucket(len(requests)) is not None
+                and len(requests) <= self._host_tokens[0].shape[0]
+                and all(r.params.repetition_penalty == 1.0 and r.params.logprobs is None for r in requests))
+
+    def _launch(self, requests: list[Request], ahead: int, tokens: torch.Tensor | None) -> _Inflight:
+        logits = self.runner.execute_decode(requests, ahead, tokens)
+        sampled = self.sampler.sample_on_device(logits, requests, lag=ahead)
+        host = self._host_tokens[self._turn][: len(requests)]
+        self._turn ^= 1
+        host.copy_(sampled, non_blocking=True)
+        done = None
+        if sampled.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return _Inflight(list(requests), sampled, host, done)
+
+    def _advance(self) -> list[RequestOutput]:
+        """Launch the step after the one in flight (if it can run ahead), then read the one in flight."""
+        current, self._inflight = self._inflight, None
+        following = [r for r in current.requests if self._continues(r)]
+        if following and not self.scheduler.waiting and self._pipelinable(following) and self._grow(following):
+            tokens = current.tokens
+            if len(following) < len(current.requests):
+                rows = {id(r): k for k, r in enumerate(current.requests)}
+                tokens = tokens.index_select(0, self.sampler.to_device([rows[id(r)] for r in following], torch.long))
+            try:
+                self._inflight = self._launch(following, ahead=1, tokens=tokens)
+            except Exception:
+                logger.exception("pipelined decode step failed to launch; the next step runs the plain way")
+        return self._collect(current)
+
+    def _continues(self, request: Request) -> bool:
+        """Still running after the token in flight, unless that token is an end token or a stop string."""
+        return (self.requests.get(request.request_id) is request and request.finish_reason is None
+                and len(request.output_ids) + 1 < request.params.max_new_tokens
+                and request.num_tokens + 1 < request.max_total_tokens)
+
+    def _grow(self, requests: list[Request]) -> bool:
+        """A cache slot for each request's token after the one in flight; False if one is short
+        (the plain path then schedules, preempting if it must)."""
+        for request in requests:
+            if not self.blocks.can_grow(request.table, request.num_tokens + 1):
+                return False
+            self.blocks.grow(request.table, request.num_tokens + 1)
+        return True
+
+    def _collect(self, step: _Inflight) -> list[RequestOutput]:
+        if step.done is not None:
+            step.done.synchronize()
         outputs = []
-        for index, (request, token, logprob) in enumerate(zip(requests, result.tokens, result.logprobs, strict=True)):
-            request.num_computed = request.num_tokens
-            if index < len(scheduled.prefills):
-                full = request.num_computed // self.blocks.block_size
-                self.blocks.publish(request.table, self._hashes(request)[:full])
-            delta = request.append(token)
-            if logprob is not None:
-                request.logprobs.append(logprob)
-            if request.finish_reason is not None:
-                self._retire(request)
-            outputs.append(self._output(request, delta, [token], [logprob] if logprob else []))
+        for request, token in zip(step.requests, step.host.tolist(), strict=True):
+            if self.requests.get(request.request_id) is not request or request.finish_reason is not None:
+                continue  # aborted, or finished by the token before, while this step ran
+            try:
+                outputs.append(self._commit(request, token, None, prefill=False))
+            except Exception as exc:
+                logger.exception("request %s failed", request.request_id)
+                outputs.append(self._fail(request, f"{type(exc).__name__}: {exc}"))
         return outputs
 
     def _hashes(self, request: Request) -> list[bytes]:

@@ -204,6 +204,12 @@ class ModelRunner:
                                     text.max_position_embeddings, max_batch, self.use_kernels)
 
     @torch.inference_mode()
+    def execute_decode(self, requests: Sequence[Request], ahead: int, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Logits of a decode step through the static decoder; see :meth:`StaticDecoder.run`."""
+        assert self.static is not None
+        return self.static.run(requests, ahead, tokens)
+
+    @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> torch.Tensor:
         """Logits [S, vocab] (float32) for step.prefills + step.decodes, in that order."""
         if not step.prefills and self.static is not None and self.static.bucket(len(step.decodes)):
