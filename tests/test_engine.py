@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import pathlib
 
@@ -318,8 +319,10 @@ def static_expected(checkpoint):
     return oracle_generate(checkpoint, STATIC_ITEMS, [CLIPS[0.5], CLIPS[3], CLIPS[4]])
 
 
-INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="the kernels run on the CPU in Triton's interpreter")
+INTERPRETED = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+    reason="the kernels run on the CPU in Triton's interpreter",
+)
 
 
 @pytest.mark.parametrize(("kernels", "max_batch"), [(False, 2), (False, 4), pytest.param(True, 2, marks=INTERPRETED)])
