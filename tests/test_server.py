@@ -180,6 +180,7 @@ def chat_body(**extra):
         (chat_body(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {
             "data": base64.b64encode(b"junk" * 100).decode(), "format": "wav"}}]}]), 400, "cannot decode audio"),
         (chat_body(messages=[{"role": "user", "content": "word " * 5000}]), 400, "context"),
+        (chat_body(messages=[{"role": "user", "content": "half a pair: \ud83d"}]), 400, "unpaired surrogate U+D83D"),
         (chat_body(model="gpt-4"), 404, "does not exist"),
         (chat_body(n=8), 429, "capacity"),
     ],

@@ -17,6 +17,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
+from qwen2audio.errors import PromptError
+
 # SPEC.md section 4: the Qwen2 pre-tokenizer split.
 QWEN2_SPLIT = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -90,10 +92,19 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _check_encodable(text)
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [enc.ids for enc in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            return [enc.ids for enc in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        except TypeError:
+            for text in texts:
+                _check_encodable(text)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -243,3 +254,14 @@ class IncrementalDetokenizer:
                     longest = size
                     break
         return longest
+
+
+def _check_encodable(text: object) -> None:
+    """Name the problem when the tokenizers library refuses a text: a lone UTF-16 surrogate (which
+    JSON's \\ud800 escapes can carry into a Python str) has no UTF-8 form."""
+    if not isinstance(text, str):
+        raise PromptError(f"text must be a string, not {type(text).__name__}")
+    for index, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            raise PromptError(f"the text has an unpaired surrogate U+{ord(char):04X} at character {index}: "
+                              "it is not valid Unicode")
