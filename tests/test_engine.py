@@ -63,7 +63,7 @@ def run(engine, items, params, audios=()):
     return [tokens[i] for i in ids]
 
 
-def oracle_generate(checkpoint, items, audios):
+def oracle_generate(checkpoint, items, audios, **generate_kwargs):
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     hf = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
@@ -75,7 +75,7 @@ def oracle_generate(checkpoint, items, audios):
     kwargs = {"audio": list(audios), "sampling_rate": 16000} if audios else {}
     inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
     with torch.no_grad():
-        out = hf.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = hf.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **generate_kwargs)
     eos = hf.generation_config.eos_token_id
     rows = []
     for row in out[:, inputs.input_ids.shape[1]:].tolist():
@@ -384,3 +384,13 @@ def test_sampler_counts_tokens_still_on_the_device_for_min_new_tokens():
     sampler = Sampler(torch.device("cpu"))
     assert sampler.sample_on_device(logits, [request]).tolist() == [2]  # 2 tokens of 3: both end tokens banned
     assert sampler.sample_on_device(logits, [request], lag=1).tolist() == [5]  # the third is in flight
+
+
+def test_repetition_penalty_equals_transformers(checkpoint, model):
+    """The penalty's seen-token rows live on the device and grow with each sampled token."""
+    items = [conv(audio(CLIPS[s]), text("Describe it.")) for s in (0.5, 3)]
+    expected = oracle_generate(checkpoint, items, [CLIPS[0.5], CLIPS[3]], repetition_penalty=1.5)
+    plain = oracle_generate(checkpoint, items, [CLIPS[0.5], CLIPS[3]])
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, repetition_penalty=1.5)
+    assert run(fresh_engine(model), items, params) == expected
+    assert expected != plain  # the penalty changes these replies

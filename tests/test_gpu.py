@@ -75,7 +75,8 @@ def staggered_run(engine: Engine, logprobs: int | None = None) -> list[tuple[lis
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fast_decode_gives_the_eager_tokens_in_fp32(checkpoint, device):
+def test_fast_decode_gives_the_eager_tokens_in_fp32(checkpoint, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN's default TF32 convolutions
     model = Qwen2Audio.from_pretrained(checkpoint, device=device, dtype="float32", progress=False)
     fast, eager = engines(model)
     got, expected = staggered_run(fast), staggered_run(eager)
@@ -119,10 +120,10 @@ def mixed_run(engine: Engine, stop_token: int, abort_at: int | None = None) -> d
     per request."""
     params = [
         SamplingParams(max_new_tokens=14, temperature=0),
-        SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.9, seed=7),
+        SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.9, seed=7, repetition_penalty=1.2),
         SamplingParams(max_new_tokens=11, temperature=0, min_new_tokens=3, stop_token_ids=(stop_token,)),
         SamplingParams(max_new_tokens=17, temperature=1.0, seed=3, min_new_tokens=17),
-        SamplingParams(max_new_tokens=9, temperature=0),
+        SamplingParams(max_new_tokens=9, temperature=0, repetition_penalty=1.5),
     ]
     ids: dict[str, int] = {}
     tokens: dict[int, list[int]] = {}
@@ -154,8 +155,8 @@ def mixed_run(engine: Engine, stop_token: int, abort_at: int | None = None) -> d
 @pytest.mark.parametrize("device", DEVICES)
 def test_pipelined_decode_gives_what_the_plain_engine_gives(checkpoint, device):
     """Steps launched before the previous one is read: the same tokens, finish reasons and freed
-    blocks as the plain engine, through end tokens, stop tokens, min_new_tokens, seeded sampling,
-    arrivals mid-stream and an abort while a step is in flight."""
+    blocks as the plain engine, through stop tokens, min_new_tokens, seeded sampling, repetition
+    penalties, arrivals mid-stream and an abort while a step is in flight."""
     model = Qwen2Audio.from_pretrained(checkpoint, device=device, dtype="float32", progress=False)
     fast, plain = engines(model, async_decode=True, max_batch=8)
     alone = plain.add_request(plain.processor.prepare(conversation(CLIPS[2], 2)),
@@ -177,27 +178,32 @@ def test_pipelined_decode_gives_what_the_plain_engine_gives(checkpoint, device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_launching_a_pipelined_decode_step_never_waits_for_the_gpu(checkpoint):
-    """Everything a step launches (input copies, graph replay, sampling with min_new_tokens and
-    seeded top-k/top-p, the copy of the tokens back) runs under torch's sync debug mode set to
-    error: a pageable copy or a .item() there would raise. Reading the finished step waits on its
-    event, by design, outside that check."""
+    """Everything a step launches (input copies, graph replay, sampling with min_new_tokens, a
+    repetition penalty and seeded top-k/top-p, the copy of the tokens back) runs under torch's sync
+    debug mode set to error: a pageable copy or a .item() there would raise. Reading the finished
+    step waits on its event, by design, outside that check."""
     model = Qwen2Audio.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False)
     fast, _ = engines(model, async_decode=True)
-    original, checked = fast._launch, []
+    original, checked, errors = fast._launch, [], []
 
     def strict_launch(requests, ahead, tokens):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return original(requests, ahead, tokens)
+            result = original(requests, ahead, tokens)
+        except Exception as exc:  # the engine would fall back quietly: remember it
+            errors.append(repr(exc))
+            raise
         finally:
             torch.cuda.set_sync_debug_mode(0)
-            checked.append(ahead)
+        checked.append(ahead)
+        return result
 
     fast._launch = strict_launch
     for k, clip in enumerate(CLIPS[:3]):
         params = SamplingParams(max_new_tokens=30, min_new_tokens=20, temperature=0.7 * k, top_k=20, top_p=0.9,
-                                seed=k or None)
+                                seed=k or None, repetition_penalty=1.1)
         fast.add_request(fast.processor.prepare(conversation(clip, k)), params)
     while fast.has_unfinished:
         fast.step()
+    assert not errors
     assert checked.count(1) > 20

@@ -196,3 +196,25 @@ def test_fp8_cache_write_and_decode_read(device: str) -> None:
     _close(kernels.paged_decode_attention(query, fp8_cache, tables, context, splits=2),
            kernels.paged_decode_attention(query, widened, tables, context, splits=2), torch.float32)
     assert kernels.self_check(4, 2, 16, 64, torch.device(device), torch.float32, FP8) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_cache_saturates_on_both_paths(device: str) -> None:
+    """Keys and values past e4m3's largest value (448) are stored as +-448 by the kernel and by the
+    eager write alike, never as NaN."""
+    from qwen2audio.model.attention import _write_cache
+
+    heads, kv_heads, head_dim = 2, 1, 16
+    qkv = torch.full((1, (heads + 2 * kv_heads) * head_dim), 1000.0, device=device)
+    qkv[0, -head_dim:] = -2000.0  # the value head
+    cos = torch.ones(1, head_dim, device=device)
+    sin = torch.zeros(1, head_dim, device=device)
+    kernel_cache = tuple(torch.zeros(1, 4, kv_heads, head_dim, dtype=FP8, device=device) for _ in range(2))
+    kernels.rope_and_cache(qkv.clone(), cos, sin, heads, kv_heads, torch.tensor([2], device=device), kernel_cache)
+    eager_cache = tuple(torch.zeros(1, 4, kv_heads, head_dim, dtype=FP8, device=device) for _ in range(2))
+    meta = AttentionMetadata([1], [3], torch.tensor([2], device=device))
+    key = qkv[:, heads * head_dim:(heads + 1) * head_dim].reshape(1, 1, head_dim)
+    _write_cache(key, qkv[:, -head_dim:].reshape(1, 1, head_dim), meta, eager_cache)
+    for cache in (kernel_cache, eager_cache):
+        assert torch.equal(cache[0][0, 2].float(), torch.full((1, head_dim), 448.0, device=device))
+        assert torch.equal(cache[1][0, 2].float(), torch.full((1, head_dim), -448.0, device=device))

@@ -487,7 +487,12 @@ class Simulation:
     def step(self) -> ScheduledStep:
         """One Engine.step with the fake model."""
         busy = self.scheduler.num_unfinished > 0
+        running = self.scheduler.running
+        grown = all(len(r.table.blocks) >= self.manager.blocks_needed(r.num_tokens) for r in running)
+        admits = self.scheduler.can_admit(len(running))
         step = self.scheduler.schedule()
+        if grown and not step.preempted:  # the pipelined engine's question: would a prefill start?
+            assert admits == bool(step.prefills)
         self.check_step(step, busy)
         self.check()
         self.stats["preempted"] += len(step.preempted)

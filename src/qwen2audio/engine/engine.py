@@ -201,12 +201,12 @@ class Engine:
     # -- pipelined decoding ------------------------------------------------------------------------
 
     def _pipelinable(self, requests: list[Request]) -> bool:
-        """Decode steps through the static decoder whose sampling needs no history the host has not
-        seen yet (repetition penalty, logprobs) can run ahead."""
+        """Decode steps through the static decoder can run ahead, unless a request wants logprobs
+        (they are read on the host every step)."""
         static = self.runner.static
         return (self.pipelined and static is not None and bool(requests) and static.bucket(len(requests)) is not None
                 and len(requests) <= self._host_tokens[0].shape[0]
-                and all(r.params.repetition_penalty == 1.0 and r.params.logprobs is None for r in requests))
+                and all(r.params.logprobs is None for r in requests))
 
     def _launch(self, requests: list[Request], ahead: int, tokens: torch.Tensor | None) -> _Inflight:
         logits = self.runner.execute_decode(requests, ahead, tokens)
@@ -224,7 +224,9 @@ class Engine:
         """Launch the step after the one in flight (if it can run ahead), then read the one in flight."""
         current, self._inflight = self._inflight, None
         following = [r for r in current.requests if self._continues(r)]
-        if following and not self.scheduler.waiting and self._pipelinable(following) and self._grow(following):
+        # Grown first: the admission check must see the blocks these decodes take.
+        if (following and self._pipelinable(following) and self._grow(following)
+                and not self.scheduler.can_admit(len(following))):
             tokens = current.tokens
             if len(following) < len(current.requests):
                 rows = {id(r): k for k, r in enumerate(current.requests)}

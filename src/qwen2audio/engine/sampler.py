@@ -28,9 +28,11 @@ class Sampler:
         self.device = device
         self._shared = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self._seen = _SeenTokens(device)
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._seen.release(request_id)
 
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
         """logits [S, vocab] (float32), one row per request -> one token per request."""
@@ -40,12 +42,16 @@ class Sampler:
     def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Request], lag: int = 0) -> torch.Tensor:
         """Tokens [S] on the logits' device, with no host synchronisation. ``lag``: tokens each request
         has sampled that its host state does not show yet (a pipelined step), for min_new_tokens."""
-        logits = self._penalize(logits.clone(), requests, lag)
+        penalized = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
+        slots = self._seen.slots([requests[i] for i in penalized], logits.shape[-1], self.to_device)
+        logits = self._penalize(logits.clone(), requests, lag, penalized, slots)
         flags = [r.params.greedy for r in requests]
         tokens = logits.argmax(dim=-1)  # [S]
         if not all(flags):
             greedy = self.to_device(flags, torch.bool)
             tokens = torch.where(greedy, tokens, self._sample(logits, requests))
+        if penalized:  # the new tokens count as seen from the next step on, without the host
+            self._seen.mark(slots, tokens.index_select(0, self.to_device(penalized, torch.long)))
         return tokens
 
     def to_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
@@ -56,25 +62,23 @@ class Sampler:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def _penalize(self, logits: torch.Tensor, requests: Sequence[Request], lag: int = 0) -> torch.Tensor:
-        rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
+    def _penalize(
+        self, logits: torch.Tensor, requests: Sequence[Request], lag: int, rows: list[int], slots: torch.Tensor | None
+    ) -> torch.Tensor:
         if rows:
             # transformers' RepetitionPenaltyLogitsProcessor: over prompt and output ids alike.
-            seen = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=logits.device)
-            for k, i in enumerate(rows):
-                ids = self.to_device(requests[i].all_ids, torch.long)
-                seen[k, ids[ids < logits.shape[-1]]] = True
             index = self.to_device(rows, torch.long)
+            seen = self._seen.masks(slots)  # [R, vocab]
             penalty = self.to_device([requests[i].params.repetition_penalty for i in rows], torch.float32)
             sub = logits.index_select(0, index)
             scaled = torch.where(sub > 0, sub / penalty[:, None], sub * penalty[:, None])
             logits.index_copy_(0, index, torch.where(seen, scaled, sub))
-        banned = [(i, t) for i, request in enumerate(requests)
+        vocab = logits.shape[-1]
+        banned = [i * vocab + t for i, request in enumerate(requests)
                   if len(request.output_ids) + lag < request.params.min_new_tokens
-                  for t in (*request.eos_ids, *request.params.stop_token_ids) if t < logits.shape[-1]]
-        if banned:  # one indexing op for the whole batch, not one per request
-            rows_t, cols_t = self.to_device(banned, torch.long).T
-            logits[rows_t, cols_t] = float("-inf")
+                  for t in (*request.eos_ids, *request.params.stop_token_ids) if t < vocab]
+        if banned:  # one op for the whole batch; a fill with a Python number needs no copy to the device
+            logits.view(-1).index_fill_(0, self.to_device(banned, torch.long), float("-inf"))
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -120,6 +124,57 @@ class Sampler:
             result[i] = {"token_id": tokens[i], "logprob": chosen[k],
                          "top": list(zip(top_ids[k][:n], top_values[k][:n], strict=True))}
         return result
+
+
+class _SeenTokens:
+    """Which token ids each repetition-penalised request has seen, kept on the device: a row per
+    request, filled from its ids once, then marked with each sampled token on the device, so a
+    pipelined step's penalty already counts the token the host has not read yet."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rows = torch.zeros(0, 0, dtype=torch.bool, device=device)  # [capacity, vocab]
+        self.slot_of: dict[str, int] = {}
+        self.free: list[int] = []
+
+    def slots(
+        self, requests: Sequence[Request], vocab: int, to_device: Callable[[Sequence, torch.dtype], torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Row index [R] of each request (rows of new requests filled from their ids)."""
+        if not requests:
+            return None
+        if self.rows.shape[1] != vocab:
+            self.rows = torch.zeros(0, vocab, dtype=torch.bool, device=self.device)
+            self.slot_of, self.free = {}, []
+        for request in requests:
+            if request.request_id not in self.slot_of:
+                slot = self._take()
+                ids = [t for t in request.all_ids if 0 <= t < vocab]
+                self.rows[slot].zero_()
+                if ids:
+                    self.rows[slot].index_fill_(0, to_device(ids, torch.long), True)
+                self.slot_of[request.request_id] = slot
+        return to_device([self.slot_of[r.request_id] for r in requests], torch.long)
+
+    def masks(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.rows.index_select(0, slots)
+
+    def mark(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.rows.view(-1).index_fill_(0, slots * self.rows.shape[1] + tokens, True)
+
+    def release(self, request_id: str) -> None:
+        slot = self.slot_of.pop(request_id, None)
+        if slot is not None:
+            self.free.append(slot)
+
+    def _take(self) -> int:
+        if not self.free:
+            old = self.rows.shape[0]
+            grown = torch.zeros(max(8, 2 * old), self.rows.shape[1], dtype=torch.bool, device=self.device)
+            grown[:old] = self.rows
+            self.rows = grown
+            self.free = list(range(grown.shape[0] - 1, old - 1, -1))
+        return self.free.pop()
 
 
 def _top_k_top_p(

@@ -59,6 +59,15 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def can_admit(self, decoding: int) -> bool:
+        """Whether a waiting request could start now beside ``decoding`` decodes whose blocks are
+        already taken (the admission checks of :meth:`schedule`, without allocating)."""
+        if not self.waiting or len(self.running) >= self.max_running:
+            return False
+        request = self.waiting[0]
+        return (request.num_tokens <= self.max_batch_tokens - decoding
+                and self.blocks.can_allocate(request.num_tokens, self.hashes_of(request)))
+
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
         self._schedule_decodes(step)

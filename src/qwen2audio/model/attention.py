@@ -128,6 +128,9 @@ def _gather(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> tor
 def _write_cache(key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> None:
     slots = meta.slot_mapping
     for tensor, new in zip(cache, (key, value), strict=True):
+        if tensor.dtype in FP8_TYPES:  # saturate explicitly, as the kernel does: casts differ by backend
+            limit = torch.finfo(tensor.dtype).max
+            new = new.clamp(-limit, limit)
         flat = _as_bytes(tensor).view(-1, *tensor.shape[2:])  # [slots, KVH, d]
         flat.index_copy_(0, slots, _as_bytes(new.to(tensor.dtype)))
 

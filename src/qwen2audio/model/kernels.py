@@ -16,6 +16,11 @@ import triton
 import triton.language as tl
 
 
+def fp8_limit(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 cache dtype (values beyond it are clamped to it), else 0."""
+    return float(torch.finfo(dtype).max) if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0.0
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
@@ -100,7 +105,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rope_cache(QKV, Cos, Sin, Slots, KC, VC, stride_row, stride_cos, stride_slot,
                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-                   WRITE_CACHE: tl.constexpr):
+                   WRITE_CACHE: tl.constexpr, LIMIT: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half = HEAD_DIM // 2
@@ -123,15 +128,22 @@ def _rope_cache(QKV, Cos, Sin, Slots, KC, VC, stride_row, stride_cos, stride_slo
             if head >= HEADS:
                 slot = tl.load(Slots + token * stride_slot).to(tl.int64)
                 dst = KC + (slot * KV_HEADS + head - HEADS) * HEAD_DIM
+                if LIMIT > 0:  # an fp8 cache: saturate, as the eager path does (casts differ by backend)
+                    y1 = tl.minimum(tl.maximum(y1.to(tl.float32), -LIMIT), LIMIT)
+                    y2 = tl.minimum(tl.maximum(y2.to(tl.float32), -LIMIT), LIMIT)
                 tl.store(dst + cols, y1.to(KC.dtype.element_ty), mask=ok)
                 tl.store(dst + half + cols, y2.to(KC.dtype.element_ty), mask=ok)
     else:  # a value head: copy to the cache
         if WRITE_CACHE:
             slot = tl.load(Slots + token * stride_slot).to(tl.int64)
             dst = VC + (slot * KV_HEADS + head - HEADS - KV_HEADS) * HEAD_DIM
-            tl.store(dst + cols, tl.load(base + cols, mask=ok, other=0.0).to(VC.dtype.element_ty), mask=ok)
-            tl.store(dst + half + cols, tl.load(base + half + cols, mask=ok, other=0.0).to(VC.dtype.element_ty),
-                     mask=ok)
+            v1 = tl.load(base + cols, mask=ok, other=0.0)
+            v2 = tl.load(base + half + cols, mask=ok, other=0.0)
+            if LIMIT > 0:
+                v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -LIMIT), LIMIT)
+                v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -LIMIT), LIMIT)
+            tl.store(dst + cols, v1.to(VC.dtype.element_ty), mask=ok)
+            tl.store(dst + half + cols, v2.to(VC.dtype.element_ty), mask=ok)
 
 
 def rope_and_cache(
@@ -158,7 +170,7 @@ def rope_and_cache(
             qkv, cos, sin, slot_arg, k_cache, v_cache, qkv.stride(0), cos.stride(0),
             slots.stride(0) if slots is not None else 0,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF_PAD=_pow2(head_dim // 2),
-            WRITE_CACHE=cache is not None,
+            WRITE_CACHE=cache is not None, LIMIT=fp8_limit(k_cache.dtype),
         )
     return qkv
 
@@ -282,6 +294,7 @@ def paged_decode_attention(
         block_tables.stride(0), context_lens.stride(0),
         GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, TILE=tile, SPLITS=splits, PRECISION=_precision(query.dtype),
+        num_warps=8,  # 4 warps spill registers at TILE 64 x head 128 (ptxas, sm_90)
     )
     _decode_merge[(num_seqs, heads)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1),
@@ -293,7 +306,8 @@ def paged_decode_attention(
 def self_check(heads: int, kv_heads: int, head_dim: int, hidden: int, device: torch.device,
                dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> str | None:
     """Run every kernel once at the model's sizes against the eager torch code; the problem found,
-    or None. Compiles the kernels too, so the first real step (or a graph capture) does not."""
+    or None. This compiles most of the variants a run needs early (Triton specialises on argument
+    values too, so a few more compile on first use, before any graph capture)."""
     from torch.nn import functional as F
 
     from qwen2audio.model.layers import RotaryEmbedding, apply_rotary
