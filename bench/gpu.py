@@ -210,10 +210,14 @@ def measure_transformers(model, processor: Processor, requests: int, new_tokens:
     batch = hf_inputs(processor, clips(requests, 30, next(seed)), device, dtype)
     hf_generate(model, single, 4, device)  # warm-up
     hf_generate(model, batch, 2, device)
-    ttft = statistics.median(hf_generate(model, single, 1, device)[0] for _ in range(repeats))
-    full = hf_generate(model, single, new_tokens, device)[0]
-    batch_first = hf_generate(model, batch, 1, device)[0]
-    batch_full = hf_generate(model, batch, new_tokens, device)[0]
+    def timed(inputs: dict, tokens: int, runs: int) -> float:
+        return statistics.median(hf_generate(model, inputs, tokens, device)[0] for _ in range(runs))
+
+    # Decode rates are differences of two medians: the first token alone, and all of them.
+    ttft = timed(single, 1, repeats)
+    full = timed(single, new_tokens, max(1, repeats - 1))
+    batch_first = timed(batch, 1, repeats)
+    batch_full = timed(batch, new_tokens, max(1, repeats - 1))
     return Figures(1000 * ttft, (new_tokens - 1) / (full - ttft),
                    requests * (new_tokens - 1) / (batch_full - batch_first), requests * new_tokens / batch_full)
 
@@ -247,11 +251,16 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def section(name: str) -> Iterator[None]:
+def section(name: str, report: dict, output: str | None) -> Iterator[None]:
+    """Log a phase and its duration; the report so far is saved after each one, so a run cut short
+    by a time limit still leaves its figures."""
     started = time.perf_counter()
     log(f"-- {name}")
     yield
     log(f"   ({time.perf_counter() - started:.1f} s)")
+    report.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
+    if output:
+        pathlib.Path(output).write_text(json.dumps(report, indent=2, default=vars))
 
 
 def release() -> None:
@@ -315,12 +324,12 @@ def main() -> None:
                             max_graph_batch=max(args.requests, 1), kernels=None if device.type == "cuda" else False,
                             cpu_onednn=False)  # oneDNN would swap the linear layers transformers copies from
 
-    with section("building the network (random weights, on the device)"):
+    with section("building the network (random weights, on the device)", report, args.output):
         network = random_network(config, device, dtype)
         report["parameters_b"] = sum(p.numel() for p in network.parameters()) / 1e9
 
     probe = clips(1, 30, 7)[0]
-    with section("our fast path against our eager path (greedy tokens, one request)"):
+    with section("our fast path against our eager path (greedy tokens, one request)", report, args.output):
         eager = Engine(network, processor, None, EngineOptions(kv_cache_bytes=kv_bytes(config, 2048, dtype),
                                                                 kernels=False, enforce_eager=True, cpu_onednn=False))
         eager_tokens = ours_run(eager, [probe], 32)[3][0]
@@ -333,12 +342,14 @@ def main() -> None:
         our_logits = our_prompt_logits(network, processor, probe, device)
 
     results: dict[str, Figures] = {}
-    with section(f"ours: 1 request, then {args.requests} at once, {args.new_tokens} new tokens each"):
+    report["figures"] = results  # saved as it fills
+    label = f"ours: 1 request, then {args.requests} at once, {args.new_tokens} new tokens each"
+    with section(label, report, args.output):
         results["ours"] = measure_ours(engine, args.requests, args.new_tokens, args.repeats)
         del engine
         release()
     if not args.no_fp8_kv:
-        with section("ours with an fp8 (e4m3) KV cache: the same runs"):
+        with section("ours with an fp8 (e4m3) KV cache: the same runs", report, args.output):
             engine = Engine(network, processor, None, replace(options, kv_cache_dtype="fp8"))
             fp8_tokens = ours_run(engine, [probe], 32)[3][0]
             report["fp8_vs_fast_common_prefix"] = common_prefix(fp8_tokens, fast_tokens)
@@ -348,7 +359,7 @@ def main() -> None:
             release()
 
     if not args.skip_transformers:
-        with section("transformers on the same weights"):
+        with section("transformers on the same weights", report, args.output):
             model = transformers_copy(config, network, device, dtype)
             inputs = hf_inputs(processor, [probe], device, dtype)
             with torch.inference_mode():
@@ -360,17 +371,18 @@ def main() -> None:
             log(f"   last-position logits: relative L2 difference {report['logits_relative_l2']:.2e}, "
                 f"same argmax: {report['same_first_token']}; greedy tokens agree on the first "
                 f"{report['greedy_common_prefix']} of 32")
-        with section(f"transformers: 1 request, then {args.requests} at once"):
+        with section(f"transformers: 1 request, then {args.requests} at once", report, args.output):
             results["transformers"] = measure_transformers(model, processor, args.requests, args.new_tokens,
                                                            args.repeats, device, dtype)
     report.update({name: vars(figures) for name, figures in results.items()})
+    del report["figures"]
     print_table(results, args.requests)
     shutil.rmtree(workdir, ignore_errors=True)
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # bf16: rounding differs op by op
     report["agree"] = args.skip_transformers or report["logits_relative_l2"] < tolerance
     log(json.dumps(report))
     if args.output:
-        pathlib.Path(args.output).write_text(json.dumps(report, indent=2))
+        pathlib.Path(args.output).write_text(json.dumps(report, indent=2, default=vars))
     if not report["agree"]:
         raise SystemExit("ours and transformers disagree on the same weights and inputs")
 
