@@ -114,7 +114,7 @@ def _paged_case(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 16), (14, 2, 32), (4, 4, 24)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 16), (14, 2, 32), (4, 4, 24), (3, 3, 128)])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_paged_decode_matches_sdpa(device: str, heads: int, kv_heads: int, head_dim: int, splits: int) -> None:
     for dtype in _dtypes(device):
@@ -153,6 +153,7 @@ def test_paged_decode_agrees_with_the_eager_decode_path(device: str) -> None:
 def test_self_check_passes_and_names_a_broken_kernel(monkeypatch):
     cpu = torch.device("cpu")
     assert kernels.self_check(14, 2, 32, 64, cpu, torch.float32) is None
+    assert kernels.self_check(4, 4, 32, 64, cpu, torch.float32) is None  # multi-head: the vector kernel
     monkeypatch.setattr(kernels, "silu_mul", lambda gate_up: gate_up[:, : gate_up.shape[1] // 2].clone())
     assert "silu_mul" in kernels.self_check(14, 2, 32, 64, cpu, torch.float32)
     monkeypatch.setattr(kernels, "rms_norm", lambda *args: (_ for _ in ()).throw(RuntimeError("no kernel image")))

@@ -227,6 +227,48 @@ def _decode_split(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
 
 
 @triton.jit
+def _decode_split_mha(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
+                      stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb, stride_len,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                      SPLITS: tl.constexpr):
+    """_decode_split for one query head per KV head (multi-head attention, as Qwen2-Audio's
+    decoder): products as vector sums rather than 16-row padded dots, which keeps registers low."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(Lens + seq * stride_len).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, length)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + seq * stride_qt + head * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for start in range(lo, hi, TILE):
+        offs = start + tl.arange(0, TILE)
+        ok = offs < hi
+        blocks = tl.load(Tables + seq * stride_tb + offs // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        rows = blocks * stride_kb + (offs % BLOCK_SIZE) * stride_ks + head * stride_kh  # [TILE]
+        kv_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(KC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)  # [TILE, BLOCK_D]
+        s = tl.sum(k * q[None, :], axis=1) * scale  # [TILE]
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(VC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        total = total * alpha + tl.sum(p, axis=0)
+        m = m_new
+    part = (seq * tl.num_programs(1) + head) * SPLITS + split
+    tl.store(PartM + part, m)
+    tl.store(PartL + part, total)
+    tl.store(PartO + part * HEAD_DIM + d, acc, mask=d_ok)
+
+
+@triton.jit
 def _decode_merge(PartO, PartM, PartL, Out, stride_ot, stride_oh,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
                      SPLITS_PAD: tl.constexpr):
@@ -287,15 +329,21 @@ def paged_decode_attention(
     part_m = torch.empty(num_seqs, heads, splits, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     block_d = _pow2(head_dim)
-    _decode_split[(num_seqs, kv_heads, splits)](
-        query, k_cache, v_cache, block_tables, context_lens, part_o, part_m, part_l,
-        scale if scale is not None else head_dim**-0.5,
-        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), context_lens.stride(0),
-        GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, TILE=tile, SPLITS=splits, PRECISION=_precision(query.dtype),
-        num_warps=8,  # 4 warps spill registers at TILE 64 x head 128 (ptxas, sm_90)
-    )
+    args = (query, k_cache, v_cache, block_tables, context_lens, part_o, part_m, part_l,
+            scale if scale is not None else head_dim**-0.5,
+            query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            block_tables.stride(0), context_lens.stride(0))
+    if group == 1:
+        _decode_split_mha[(num_seqs, heads, splits)](
+            *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE=tile, SPLITS=splits,
+            num_warps=4,
+        )
+    else:
+        _decode_split[(num_seqs, kv_heads, splits)](
+            *args, GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_SIZE=block_size, TILE=tile, SPLITS=splits, PRECISION=_precision(query.dtype),
+            num_warps=8,  # 4 warps spill registers at TILE 64 x head 128 (ptxas, sm_90)
+        )
     _decode_merge[(num_seqs, heads)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, SPLITS_PAD=_pow2(splits),
