@@ -219,3 +219,20 @@ def test_fp8_cache_saturates_on_both_paths(device: str) -> None:
     for cache in (kernel_cache, eager_cache):
         assert torch.equal(cache[0][0, 2].float(), torch.full((1, head_dim), 448.0, device=device))
         assert torch.equal(cache[1][0, 2].float(), torch.full((1, head_dim), -448.0, device=device))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="without the interpreter test_kernels_compile.py runs directly")
+def test_every_kernel_compiles_for_sm90():
+    """The interpreter is on in this process, so the compile checks run in a child without it."""
+    import pathlib
+    import subprocess
+    import sys
+
+    here = pathlib.Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(here / "test_kernels_compile.py"), "-o", "addopts=", "-q", "-p",
+         "no:cacheprovider"],
+        capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "passed" in result.stdout and "skipped" not in result.stdout

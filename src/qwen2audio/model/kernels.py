@@ -128,20 +128,21 @@ def _rope_cache(QKV, Cos, Sin, Slots, KC, VC, stride_row, stride_cos, stride_slo
             if head >= HEADS:
                 slot = tl.load(Slots + token * stride_slot).to(tl.int64)
                 dst = KC + (slot * KV_HEADS + head - HEADS) * HEAD_DIM
+                k1, k2 = y1.to(tl.float32), y2.to(tl.float32)  # new names: a branch may not retype y1
                 if LIMIT > 0:  # an fp8 cache: saturate, as the eager path does (casts differ by backend)
-                    y1 = tl.minimum(tl.maximum(y1.to(tl.float32), -LIMIT), LIMIT)
-                    y2 = tl.minimum(tl.maximum(y2.to(tl.float32), -LIMIT), LIMIT)
-                tl.store(dst + cols, y1.to(KC.dtype.element_ty), mask=ok)
-                tl.store(dst + half + cols, y2.to(KC.dtype.element_ty), mask=ok)
+                    k1 = tl.minimum(tl.maximum(k1, -LIMIT), LIMIT)
+                    k2 = tl.minimum(tl.maximum(k2, -LIMIT), LIMIT)
+                tl.store(dst + cols, k1.to(KC.dtype.element_ty), mask=ok)
+                tl.store(dst + half + cols, k2.to(KC.dtype.element_ty), mask=ok)
     else:  # a value head: copy to the cache
         if WRITE_CACHE:
             slot = tl.load(Slots + token * stride_slot).to(tl.int64)
             dst = VC + (slot * KV_HEADS + head - HEADS - KV_HEADS) * HEAD_DIM
-            v1 = tl.load(base + cols, mask=ok, other=0.0)
-            v2 = tl.load(base + half + cols, mask=ok, other=0.0)
+            v1 = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
+            v2 = tl.load(base + half + cols, mask=ok, other=0.0).to(tl.float32)
             if LIMIT > 0:
-                v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -LIMIT), LIMIT)
-                v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -LIMIT), LIMIT)
+                v1 = tl.minimum(tl.maximum(v1, -LIMIT), LIMIT)
+                v2 = tl.minimum(tl.maximum(v2, -LIMIT), LIMIT)
             tl.store(dst + cols, v1.to(VC.dtype.element_ty), mask=ok)
             tl.store(dst + half + cols, v2.to(VC.dtype.element_ty), mask=ok)
 
@@ -290,6 +291,10 @@ def _decode_merge(PartO, PartM, PartL, Out, stride_ot, stride_oh,
 
 
 
+MHA_LAUNCH = (32, 4)  # (tokens per tile, warps) of the decode kernels
+GQA_LAUNCH = (64, 8)
+
+
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -309,7 +314,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float | None = None,
     splits: int | None = None,
-    tile: int = 64,
+    tile: int | None = None,
 ) -> torch.Tensor:
     """query [S, H, d] (one new token per sequence, its key already cached) attends to the first
     context_lens[s] cached positions listed by block_tables [S, W] -> [S, H, d].
@@ -333,16 +338,19 @@ def paged_decode_attention(
             scale if scale is not None else head_dim**-0.5,
             query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_tables.stride(0), context_lens.stride(0))
+    # Launch shapes from ptxas' register counts for sm_90 at head 128 (tests/test_kernels.py compiles
+    # them): MHA at 32 tokens x 4 warps needs 128 registers, no spills (64 x 4 spills); the GQA dot
+    # kernel at 64 x 8 warps needs 224 (64 x 4 spills).
     if group == 1:
         _decode_split_mha[(num_seqs, heads, splits)](
-            *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE=tile, SPLITS=splits,
-            num_warps=4,
+            *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE=tile or MHA_LAUNCH[0],
+            SPLITS=splits, num_warps=MHA_LAUNCH[1],
         )
     else:
         _decode_split[(num_seqs, kv_heads, splits)](
             *args, GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_SIZE=block_size, TILE=tile, SPLITS=splits, PRECISION=_precision(query.dtype),
-            num_warps=8,  # 4 warps spill registers at TILE 64 x head 128 (ptxas, sm_90)
+            BLOCK_SIZE=block_size, TILE=tile or GQA_LAUNCH[0], SPLITS=splits, PRECISION=_precision(query.dtype),
+            num_warps=GQA_LAUNCH[1],
         )
     _decode_merge[(num_seqs, heads)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1),
