@@ -298,7 +298,7 @@ def print_table(results: dict[str, Figures], requests: int) -> None:
         log(line + f"{TARGETS[key]:8.0f}  {'yes' if met else 'NO'}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy dimensions (a CPU check of this script)")
     parser.add_argument("--device", default="cuda")
@@ -309,82 +309,115 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--no-fp8-kv", action="store_true", help="skip the run with an fp8 KV cache")
     parser.add_argument("--output", help="write the figures and checks here as JSON")
-    args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    config = TINY if args.tiny else FULL
-    torch.backends.cuda.matmul.allow_tf32 = False
-    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "dtype": args.dtype, "requests": args.requests,
-                    "new_tokens": args.new_tokens, "tiny": args.tiny}
-    log(json.dumps(report))
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="qwen2audio-bench-"))
-    processor = processor_for(config, workdir)
-    budget = kv_bytes(config, args.requests * 1024 + 4096, dtype)
-    options = EngineOptions(kv_cache_bytes=budget, max_running=max(args.requests, 1),
-                            max_graph_batch=max(args.requests, 1), kernels=None if device.type == "cuda" else False,
-                            cpu_onednn=False)  # oneDNN would swap the linear layers transformers copies from
+    return parser.parse_args()
 
-    with section("building the network (random weights, on the device)", report, args.output):
-        network = random_network(config, device, dtype)
-        report["parameters_b"] = sum(p.numel() for p in network.parameters()) / 1e9
 
-    probe = clips(1, 30, 7)[0]
-    with section("our fast path against our eager path (greedy tokens, one request)", report, args.output):
-        eager = Engine(network, processor, None, EngineOptions(kv_cache_bytes=kv_bytes(config, 2048, dtype),
-                                                                kernels=False, enforce_eager=True, cpu_onednn=False))
-        eager_tokens = ours_run(eager, [probe], 32)[3][0]
-        del eager
-        release()
-        engine = Engine(network, processor, None, options)
-        fast_tokens = ours_run(engine, [probe], 32)[3][0]
-        report["fast_vs_eager_common_prefix"] = common_prefix(fast_tokens, eager_tokens)
-        log(f"   fast and eager agree on the first {report['fast_vs_eager_common_prefix']} of 32 greedy tokens")
-        our_logits = our_prompt_logits(network, processor, probe, device)
+class Bench:
+    """One run: the network, the processor, and the report that every phase adds to."""
 
-    results: dict[str, Figures] = {}
-    report["figures"] = results  # saved as it fills
-    label = f"ours: 1 request, then {args.requests} at once, {args.new_tokens} new tokens each"
-    with section(label, report, args.output):
-        results["ours"] = measure_ours(engine, args.requests, args.new_tokens, args.repeats)
-        del engine
-        release()
-    if not args.no_fp8_kv:
-        with section("ours with an fp8 (e4m3) KV cache: the same runs", report, args.output):
-            engine = Engine(network, processor, None, replace(options, kv_cache_dtype="fp8"))
-            fp8_tokens = ours_run(engine, [probe], 32)[3][0]
-            report["fp8_vs_fast_common_prefix"] = common_prefix(fp8_tokens, fast_tokens)
-            log(f"   fp8 and {args.dtype} KV agree on the first {report['fp8_vs_fast_common_prefix']} of 32 tokens")
-            results["ours fp8 KV"] = measure_ours(engine, args.requests, args.new_tokens, args.repeats)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device, self.dtype = torch.device(args.device), getattr(torch, args.dtype)
+        self.config = TINY if args.tiny else FULL
+        self.report: dict = {
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "dtype": args.dtype, "requests": args.requests,
+            "new_tokens": args.new_tokens, "tiny": args.tiny,
+        }
+        self.results: dict[str, Figures] = {}
+        self.report["figures"] = self.results  # saved as it fills
+        log(json.dumps(self.report))
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="qwen2audio-bench-"))
+        self.processor = processor_for(self.config, self.workdir)
+        self.options = EngineOptions(
+            kv_cache_bytes=kv_bytes(self.config, args.requests * 1024 + 4096, self.dtype),
+            max_running=max(args.requests, 1), max_graph_batch=max(args.requests, 1),
+            kernels=None if self.device.type == "cuda" else False,
+            cpu_onednn=False,  # oneDNN would swap out the linear layers transformers copies from
+        )
+        self.probe = clips(1, 30, 7)[0]
+        with self.section("building the network (random weights, on the device)"):
+            self.network = random_network(self.config, self.device, self.dtype)
+            self.report["parameters_b"] = sum(p.numel() for p in self.network.parameters()) / 1e9
+
+    def section(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return section(name, self.report, self.args.output)
+
+    def engine(self, options: EngineOptions) -> Engine:
+        return Engine(self.network, self.processor, None, options)
+
+    def check_paths(self) -> None:
+        """Greedy tokens of our fast path (kernels, graphs, pipelining) against our eager path."""
+        with self.section("our fast path against our eager path (greedy tokens, one request)"):
+            eager = self.engine(EngineOptions(kv_cache_bytes=kv_bytes(self.config, 2048, self.dtype), kernels=False,
+                                              enforce_eager=True, cpu_onednn=False))
+            eager_tokens = ours_run(eager, [self.probe], 32)[3][0]
+            del eager
+            release()
+            self.fast_tokens = ours_run(self.engine(self.options), [self.probe], 32)[3][0]
+            release()
+            agree = self.report["fast_vs_eager_common_prefix"] = common_prefix(self.fast_tokens, eager_tokens)
+            log(f"   fast and eager agree on the first {agree} of 32 greedy tokens")
+            self.our_logits = our_prompt_logits(self.network, self.processor, self.probe, self.device)
+
+    def measure(self, name: str, options: EngineOptions) -> None:
+        """Our four figures with these engine options; a side run checks its tokens against the default's."""
+        args = self.args
+        with self.section(f"{name}: 1 request, then {args.requests} at once, {args.new_tokens} new tokens each"):
+            engine = self.engine(options)
+            if options != self.options:
+                agree = common_prefix(ours_run(engine, [self.probe], 32)[3][0], self.fast_tokens)
+                self.report[f"{name} vs ours common prefix"] = agree
+                log(f"   greedy tokens agree with the default engine's on the first {agree} of 32")
+            self.results[name] = measure_ours(engine, args.requests, args.new_tokens, args.repeats)
             del engine
             release()
 
-    if not args.skip_transformers:
-        with section("transformers on the same weights", report, args.output):
-            model = transformers_copy(config, network, device, dtype)
-            inputs = hf_inputs(processor, [probe], device, dtype)
+    def compare_with_transformers(self) -> None:
+        """transformers on a copy of the same weights: logits and greedy tokens, then its figures."""
+        args, report = self.args, self.report
+        with self.section("transformers on the same weights"):
+            model = transformers_copy(self.config, self.network, self.device, self.dtype)
+            inputs = hf_inputs(self.processor, [self.probe], self.device, self.dtype)
             with torch.inference_mode():
                 hf_logits = model(**inputs).logits[0, -1].float().cpu()
-            hf_tokens = hf_generate(model, inputs, 32, device)[1][0].tolist()
-            report["logits_relative_l2"] = relative(our_logits, hf_logits)
-            report["same_first_token"] = bool(our_logits.argmax() == hf_logits.argmax())
-            report["greedy_common_prefix"] = common_prefix(fast_tokens, hf_tokens)
+            hf_tokens = hf_generate(model, inputs, 32, self.device)[1][0].tolist()
+            report["logits_relative_l2"] = relative(self.our_logits, hf_logits)
+            report["same_first_token"] = bool(self.our_logits.argmax() == hf_logits.argmax())
+            report["greedy_common_prefix"] = common_prefix(self.fast_tokens, hf_tokens)
             log(f"   last-position logits: relative L2 difference {report['logits_relative_l2']:.2e}, "
                 f"same argmax: {report['same_first_token']}; greedy tokens agree on the first "
                 f"{report['greedy_common_prefix']} of 32")
-        with section(f"transformers: 1 request, then {args.requests} at once", report, args.output):
-            results["transformers"] = measure_transformers(model, processor, args.requests, args.new_tokens,
-                                                           args.repeats, device, dtype)
-    report.update({name: vars(figures) for name, figures in results.items()})
-    del report["figures"]
-    print_table(results, args.requests)
-    shutil.rmtree(workdir, ignore_errors=True)
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # bf16: rounding differs op by op
-    report["agree"] = args.skip_transformers or report["logits_relative_l2"] < tolerance
-    log(json.dumps(report))
-    if args.output:
-        pathlib.Path(args.output).write_text(json.dumps(report, indent=2, default=vars))
-    if not report["agree"]:
-        raise SystemExit("ours and transformers disagree on the same weights and inputs")
+        with self.section(f"transformers: 1 request, then {args.requests} at once"):
+            self.results["transformers"] = measure_transformers(
+                model, self.processor, args.requests, args.new_tokens, args.repeats, self.device, self.dtype)
+
+    def finish(self) -> None:
+        report = self.report
+        report.update({name: vars(figures) for name, figures in self.results.items()})
+        del report["figures"]
+        print_table(self.results, self.args.requests)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2  # bf16: rounding differs op by op
+        report["agree"] = self.args.skip_transformers or report["logits_relative_l2"] < tolerance
+        log(json.dumps(report))
+        if self.args.output:
+            pathlib.Path(self.args.output).write_text(json.dumps(report, indent=2, default=vars))
+        if not report["agree"]:
+            raise SystemExit("ours and transformers disagree on the same weights and inputs")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bench = Bench(args)
+    bench.check_paths()
+    bench.measure("ours", bench.options)
+    if not args.no_fp8_kv:
+        bench.measure("ours fp8 KV", replace(bench.options, kv_cache_dtype="fp8"))
+    if not args.skip_transformers:
+        bench.compare_with_transformers()
+    bench.finish()
 
 
 if __name__ == "__main__":
