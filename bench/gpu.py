@@ -334,6 +334,7 @@ class Bench:
             max_running=max(args.requests, 1), max_graph_batch=max(args.requests, 1),
             kernels=None if self.device.type == "cuda" else False,
             cpu_onednn=False,  # oneDNN would swap out the linear layers transformers copies from
+            async_decode=True,  # the default with CUDA graphs; said here so the CPU check pipelines too
         )
         self.probe = clips(1, 30, 7)[0]
         with self.section("building the network (random weights, on the device)"):
@@ -344,13 +345,16 @@ class Bench:
         return section(name, self.report, self.args.output)
 
     def engine(self, options: EngineOptions) -> Engine:
-        return Engine(self.network, self.processor, None, options)
+        engine = Engine(self.network, self.processor, None, options)
+        if self.device.type == "cpu" and not options.enforce_eager:  # the path CUDA graphs replay, run eagerly
+            engine.runner.use_static_decoder(options.max_graph_batch)
+        return engine
 
     def check_paths(self) -> None:
         """Greedy tokens of our fast path (kernels, graphs, pipelining) against our eager path."""
         with self.section("our fast path against our eager path (greedy tokens, one request)"):
             eager = self.engine(EngineOptions(kv_cache_bytes=kv_bytes(self.config, 2048, self.dtype), kernels=False,
-                                              enforce_eager=True, cpu_onednn=False))
+                                              enforce_eager=True, cpu_onednn=False, async_decode=False))
             eager_tokens = ours_run(eager, [self.probe], 32)[3][0]
             del eager
             release()

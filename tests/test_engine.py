@@ -14,7 +14,7 @@ import torch
 from qwen2audio import load_audio
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.engine.engine import AsyncEngine, Engine, EngineOptions
-from qwen2audio.engine.request import SamplingError, SamplingParams
+from qwen2audio.engine.request import Request, SamplingError, SamplingParams
 from qwen2audio.errors import PromptError
 
 from checkpoints import build_checkpoint
@@ -350,10 +350,11 @@ def test_static_decoder_and_kernels_give_transformers_tokens(model, static_expec
 
 
 def test_fp8_kv_cache_quarters_fp32_bytes_and_decodes_alike_on_both_paths(model, static_expected):
-    """fp8 (e4m3) KV storage: four times the fp32 blocks for the same bytes; the first token (from
-    the prefill, whose attention reads the fresh keys) is the oracle's; the static decoder reads the
-    fp8 cache as the eager path does. (The kernels' fp8 store is checked in test_kernels.py: on the
-    CPU Triton's interpreter rounds some fp8 values wrongly, so a token-level check runs on the GPU.)"""
+    """fp8 (e4m3) KV storage: four times the fp32 blocks for the same bytes; the prefill attends to
+    the fresh keys, so the first token is the oracle's exactly; decode steps read the rounded cache,
+    so their logprobs move a little (and only a little); the static decoder reads it as the eager
+    path does. (The kernels' fp8 store is checked in test_kernels.py: on the CPU Triton's
+    interpreter rounds some fp8 values wrongly, so a token-level check runs on the GPU.)"""
     budget = 2**22
     plain = fresh_engine(model, kv_cache_bytes=budget)
     eager = fresh_engine(model, kv_cache_bytes=budget, kv_cache_dtype="fp8")
@@ -365,10 +366,23 @@ def test_fp8_kv_cache_quarters_fp32_bytes_and_decodes_alike_on_both_paths(model,
     got_eager = run(eager, STATIC_ITEMS, params)
     assert run(static, STATIC_ITEMS, params) == got_eager
     assert [row[0] for row in got_eager] == [row[0] for row in static_expected]
-    assert got_eager != [row[:12] for row in static_expected]  # fp8 is not free: the replies drift
+
+    def chosen_logprobs(engine):
+        completion = []
+        request_id = engine.add_request(engine.processor.prepare(STATIC_ITEMS[1]),
+                                        SamplingParams(max_new_tokens=6, temperature=0, logprobs=1))
+        for output in engine.run({request_id}):
+            completion.extend(entry["logprob"] for entry in output.logprobs)
+        return completion
+
+    # Fresh engines: a prefix-cache hit would read earlier requests' blocks back through fp8.
+    reference = chosen_logprobs(fresh_engine(model, kv_cache_bytes=budget))
+    rounded = chosen_logprobs(fresh_engine(model, kv_cache_bytes=budget, kv_cache_dtype="fp8"))
+    assert reference[0] == rounded[0]  # a prompt without a cached prefix never reads the cache back
+    moved = [abs(a - b) for a, b in zip(reference[1:], rounded[1:], strict=True)]
+    assert 0 < max(moved) < 0.05
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         fresh_engine(model, kv_cache_dtype="int4")
-
 
 def test_sampler_counts_tokens_still_on_the_device_for_min_new_tokens():
     """A pipelined step samples before the previous token reaches the host (lag 1): min_new_tokens
@@ -394,3 +408,46 @@ def test_repetition_penalty_equals_transformers(checkpoint, model):
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, repetition_penalty=1.5)
     assert run(fresh_engine(model), items, params) == expected
     assert expected != plain  # the penalty changes these replies
+
+
+def test_engine_state_survives_a_switch_between_async_and_plain_use(model):
+    """The engine's persistent tensors (penalty rows, pipelined token buffers) are always made and
+    updated in inference mode: using the engine from a server thread, then from plain code, or
+    building it inside inference mode, must not break in-place updates."""
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, repetition_penalty=1.3)
+    item = conv(audio(CLIPS[3]), text("Describe it."))
+    expected = run(fresh_engine(model), [item], params)
+
+    engine = fresh_engine(model)
+    driver = AsyncEngine(engine)
+
+    async def through_server():
+        tokens = []
+        async for output in driver.generate(engine.processor.prepare(item), params):
+            tokens.extend(output.token_ids)
+        return tokens
+
+    assert asyncio.run(through_server()) == expected[0]
+    driver.shutdown()
+    assert run(engine, [item], params) == expected  # same engine, now from plain code
+
+    with torch.inference_mode():
+        built_inside = fresh_engine(model, async_decode=True)
+    built_inside.runner.use_static_decoder(4)
+    launched = []
+    original = built_inside._launch
+    built_inside._launch = lambda *args, **kwargs: launched.append(original(*args, **kwargs)) or launched[-1]
+    assert run(built_inside, [item, item], params) == expected * 2
+    assert launched and all(step is not None for step in launched)
+
+
+def test_generated_request_ids_never_take_a_callers_id(model):
+    engine = fresh_engine(model)
+    prompt = engine.processor.prepare(conv(audio(CLIPS[0.5]), text("Hi")))
+    number = int(Request.new_id().split("-")[1])
+    taken = [f"req-{number + k}" for k in range(1, 8)]  # names the counter is about to produce
+    for request_id in taken:
+        engine.add_request(prompt, SamplingParams(max_new_tokens=1), request_id=request_id)
+    generated = [engine.add_request(prompt, SamplingParams(max_new_tokens=1)) for _ in range(6)]
+    assert not set(generated) & set(taken) and len(set(generated)) == 6
+    assert len(engine.requests) == 13

@@ -22,6 +22,7 @@ from checkpoints import build_checkpoint
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 RNG = np.random.default_rng(3)
 CLIPS = [(RNG.standard_normal(int(s * 16000)) * 0.1).astype(np.float32) for s in (0.5, 3, 4, 7, 2)]
+SHORT = [(RNG.standard_normal(int(s * 16000)) * 0.1).astype(np.float32) for s in (0.5, 0.8, 1.0, 0.6, 0.7)]
 LENGTHS = (6, 12, 24, 9, 15)  # the decode batch shrinks and grows through several buckets
 
 
@@ -37,7 +38,7 @@ def checkpoint(tmp_path_factory):
 
 def engines(model: Qwen2Audio, async_decode: bool = False, max_batch: int = 4, **options) -> tuple[Engine, Engine]:
     """(fast, eager) engines over one network; ``async_decode``: the fast one pipelines its decode steps."""
-    budget = {"kv_cache_bytes": 2**26}
+    budget = {"kv_cache_bytes": options.pop("kv_cache_bytes", 2**26)}
     fast = Engine(model.network, model.processor, model.directory,
                   EngineOptions(max_graph_batch=max_batch, cpu_onednn=False, async_decode=async_decode, **budget,
                                 **options))
@@ -207,3 +208,57 @@ def test_launching_a_pipelined_decode_step_never_waits_for_the_gpu(checkpoint):
         fast.step()
     assert not errors
     assert checked.count(1) > 20
+
+
+@pytest.fixture(scope="module")
+def short_checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("gpu-short") / "ckpt", kv_heads=2, seed=5,
+                            text_dims={"max_position_embeddings": 96})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pipelined_decode_through_stop_strings_context_limit_preemption_and_reused_ids(short_checkpoint, device):
+    """A 96-position model and a cache too small for every reply at once: the pipelined engine ends
+    requests on a stop string and at the context limit, survives preemptions, and tells an aborted
+    request from a new one that reuses its id, all as the plain engine does."""
+    model = Qwen2Audio.from_pretrained(short_checkpoint, device=device, dtype="float32", progress=False)
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 tokens, 2 KV heads, head dim 16, fp32
+    fast, plain = engines(model, async_decode=True, max_batch=8, kv_cache_bytes=per_block * 15)
+    probe = plain.add_request(plain.processor.prepare(conversation(SHORT[1], 0)),
+                              SamplingParams(max_new_tokens=12, temperature=0))
+    text = "".join(output.delta for output in plain.run({probe}))
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip()
+
+    def run(engine: Engine) -> dict[str, tuple[list[int], str | None]]:
+        specs = {
+            "stop": (SHORT[1], SamplingParams(max_new_tokens=40, temperature=0, stop=[stop])),
+            "limit": (SHORT[0], SamplingParams(max_new_tokens=200, temperature=0)),
+            "seeded": (SHORT[4], SamplingParams(max_new_tokens=50, temperature=0.9, seed=11, repetition_penalty=1.2)),
+            "again": (SHORT[2], SamplingParams(max_new_tokens=30, temperature=0)),
+        }
+        results: dict[str, tuple[list[int], str | None]] = {name: ([], None) for name in specs}
+        for k, (name, (clip, params)) in enumerate(specs.items()):
+            engine.add_request(engine.processor.prepare(conversation(clip, k)), params, request_id=name)
+        steps = 0
+        while engine.has_unfinished:
+            for output in engine.step():
+                results[output.request_id][0].extend(output.token_ids)
+                results[output.request_id] = (results[output.request_id][0], output.finish_reason)
+            steps += 1
+            if steps == 4:  # abort "again" with a step in flight, then reuse its id at once
+                engine.abort("again")
+                results["again"] = ([], None)
+                engine.add_request(engine.processor.prepare(conversation(SHORT[3], 9)),
+                                   SamplingParams(max_new_tokens=25, temperature=0), request_id="again")
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        return results
+
+    expected, got = run(plain), run(fast)
+    assert got == expected
+    assert expected["stop"][1] == "stop" and stop in plain.processor.tokenizer.decode(expected["stop"][0])
+    assert expected["limit"][1] == "length"
+    assert len(expected["again"][0]) == 25 and expected["seeded"][1] == "length"
+    limit_prompt = fast.processor.prepare(conversation(SHORT[0], 1)).num_tokens
+    assert limit_prompt + len(expected["limit"][0]) == 96  # ended at the context, not at max_new_tokens
+    assert fast.num_preemptions > 0 and plain.num_preemptions > 0

@@ -124,6 +124,8 @@ class Engine:
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             request.request_id = request_id
+        while request.request_id in self.requests:  # a caller may have taken a generated name
+            request.request_id = Request.new_id()
         self.scheduler.add(request)
         self.requests[request.request_id] = request
         return request.request_id
@@ -142,6 +144,7 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one batch; report what each scheduled request produced.
 
@@ -159,9 +162,11 @@ class Engine:
         if not scheduled.prefills and self._pipelinable(scheduled.decodes):
             try:
                 self._inflight = self._launch(scheduled.decodes, ahead=0, tokens=None)
+            except Exception as exc:  # after sampling: redoing the step would skew seeds and penalties
+                logger.exception("pipelined decode step failed after sampling")
+                return [self._fail(r, f"{type(exc).__name__}: {exc}") for r in scheduled.decodes]
+            if self._inflight is not None:
                 return []
-            except Exception:
-                logger.exception("pipelined decode step failed to launch; running it the plain way")
         try:
             return self._run(scheduled)
         except Exception:  # a failing batch must not take the engine (or its other requests) down
@@ -208,8 +213,15 @@ class Engine:
                 and len(requests) <= self._host_tokens[0].shape[0]
                 and all(r.params.logprobs is None for r in requests))
 
-    def _launch(self, requests: list[Request], ahead: int, tokens: torch.Tensor | None) -> _Inflight:
-        logits = self.runner.execute_decode(requests, ahead, tokens)
+    def _launch(self, requests: list[Request], ahead: int, tokens: torch.Tensor | None) -> _Inflight | None:
+        """Run a decode step and sample it, leaving the tokens on the device. None if the model step
+        failed, when nothing has changed and the plain path can run it; a failure after sampling
+        (which moves seeded generators and penalty state) raises."""
+        try:
+            logits = self.runner.execute_decode(requests, ahead, tokens)
+        except Exception:
+            logger.exception("pipelined decode step failed; running it the plain way")
+            return None
         sampled = self.sampler.sample_on_device(logits, requests, lag=ahead)
         host = self._host_tokens[self._turn][: len(requests)]
         self._turn ^= 1
@@ -224,6 +236,7 @@ class Engine:
         """Launch the step after the one in flight (if it can run ahead), then read the one in flight."""
         current, self._inflight = self._inflight, None
         following = [r for r in current.requests if self._continues(r)]
+        failed: Exception | None = None
         # Grown first: the admission check must see the blocks these decodes take.
         if (following and self._pipelinable(following) and self._grow(following)
                 and not self.scheduler.can_admit(len(following))):
@@ -233,9 +246,14 @@ class Engine:
                 tokens = tokens.index_select(0, self.sampler.to_device([rows[id(r)] for r in following], torch.long))
             try:
                 self._inflight = self._launch(following, ahead=1, tokens=tokens)
-            except Exception:
-                logger.exception("pipelined decode step failed to launch; the next step runs the plain way")
-        return self._collect(current)
+            except Exception as exc:  # after sampling: see step()
+                logger.exception("pipelined decode step failed after sampling")
+                failed = exc
+        outputs = self._collect(current)
+        if failed is not None:
+            outputs += [self._fail(r, f"{type(failed).__name__}: {failed}") for r in following
+                        if self.requests.get(r.request_id) is r]
+        return outputs
 
     def _continues(self, request: Request) -> bool:
         """Still running after the token in flight, unless that token is an end token or a stop string."""

@@ -99,7 +99,7 @@ class Request:
     detokenizer: IncrementalDetokenizer
     eos_ids: frozenset[int]
     max_total_tokens: int
-    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    request_id: str = field(default_factory=lambda: Request.new_id())
     arrival: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -109,6 +109,10 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     hash_cache: tuple[int, list[bytes]] | None = None  # (num_tokens, block hashes), see Engine._hashes
+
+    @staticmethod
+    def new_id() -> str:
+        return f"req-{next(_ids)}"
 
     @property
     def all_ids(self) -> list[int]:

@@ -65,7 +65,7 @@ def attention(
     for index in range(meta.num_prefills):
         q_len, ctx_len = meta.query_lens[index], meta.context_lens[index]
         q = query[start:start + q_len]
-        if cache is None:
+        if cache is None or q_len == ctx_len:  # no cached prefix: the fresh keys, unrounded by an fp8 cache
             k, v = key[start:start + q_len], value[start:start + q_len]
         else:
             k, v = _read_cache(cache, meta.block_tables[index], ctx_len, query.dtype)
