@@ -194,32 +194,56 @@ def hf_inputs(processor: Processor, batch: list[np.ndarray], device: torch.devic
             "feature_attention_mask": features.feature_attention_mask}
 
 
-def hf_generate(model, inputs: dict, new_tokens: int, device: torch.device) -> tuple[float, torch.Tensor]:
+class StepClock:
+    """A transformers streamer that only notes when each put arrives: first the prompt, then every
+    step's new tokens (generate copies them to the host, so the times are when they exist)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class HFRun:
+    total: float  # seconds from the call to the last token
+    first: float  # seconds from the call to the first new token
+    tokens: torch.Tensor  # [B, new tokens]
+
+
+def hf_generate(model, inputs: dict, new_tokens: int, device: torch.device) -> HFRun:
+    clock = StepClock()
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=clock)
     synchronize(device)
-    return time.perf_counter() - start, out[:, inputs["input_ids"].shape[1]:]
+    total = time.perf_counter() - start
+    return HFRun(total, clock.times[1] - start if len(clock.times) > 1 else total,
+                 out[:, inputs["input_ids"].shape[1]:])
 
 
 def measure_transformers(model, processor: Processor, requests: int, new_tokens: int, repeats: int,
                          device: torch.device, dtype: torch.dtype) -> Figures:
+    """Times within each run (a streamer marks the first token), medians over runs."""
     seed = iter(range(1000, 2000))
     single = hf_inputs(processor, clips(1, 30, next(seed)), device, dtype)
     batch = hf_inputs(processor, clips(requests, 30, next(seed)), device, dtype)
     hf_generate(model, single, 4, device)  # warm-up
     hf_generate(model, batch, 2, device)
-    def timed(inputs: dict, tokens: int, runs: int) -> float:
-        return statistics.median(hf_generate(model, inputs, tokens, device)[0] for _ in range(runs))
-
-    # Decode rates are differences of two medians: the first token alone, and all of them.
-    ttft = timed(single, 1, repeats)
-    full = timed(single, new_tokens, max(1, repeats - 1))
-    batch_first = timed(batch, 1, repeats)
-    batch_full = timed(batch, new_tokens, max(1, repeats - 1))
-    return Figures(1000 * ttft, (new_tokens - 1) / (full - ttft),
-                   requests * (new_tokens - 1) / (batch_full - batch_first), requests * new_tokens / batch_full)
+    singles = [hf_generate(model, single, new_tokens, device) for _ in range(repeats)]
+    batches = [hf_generate(model, batch, new_tokens, device) for _ in range(max(1, repeats - 1))]
+    return Figures(
+        1000 * statistics.median(run.first for run in singles),
+        statistics.median((new_tokens - 1) / (run.total - run.first) for run in singles),
+        statistics.median(requests * (new_tokens - 1) / (run.total - run.first) for run in batches),
+        statistics.median(requests * new_tokens / run.total for run in batches),
+    )
 
 
 # --- agreement -----------------------------------------------------------------------------------
@@ -385,7 +409,7 @@ class Bench:
             inputs = hf_inputs(self.processor, [self.probe], self.device, self.dtype)
             with torch.inference_mode():
                 hf_logits = model(**inputs).logits[0, -1].float().cpu()
-            hf_tokens = hf_generate(model, inputs, 32, self.device)[1][0].tolist()
+            hf_tokens = hf_generate(model, inputs, 32, self.device).tokens[0].tolist()
             report["logits_relative_l2"] = relative(self.our_logits, hf_logits)
             report["same_first_token"] = bool(self.our_logits.argmax() == hf_logits.argmax())
             report["greedy_common_prefix"] = common_prefix(self.fast_tokens, hf_tokens)
