@@ -180,6 +180,39 @@ def measure_ours(engine: Engine, requests: int, new_tokens: int, repeats: int) -
     return Figures(1000 * ttft, decode_1, decode_n, e2e_n)
 
 
+def profile_ours(engine: Engine, requests: int, directory: pathlib.Path, device: torch.device) -> None:
+    """Kernel tables for the next tuning round, written to ``directory``: one 30 s-clip request's
+    prefill (features, encoder, prefill, first token), and 12 decode steps of ``requests`` requests
+    in steady state. Best effort: a profiler that fails here does not stop the benchmark."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    params = SamplingParams(max_new_tokens=64, min_new_tokens=64, temperature=0)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with profile(activities=activities) as prefill:
+            ours_run(engine, clips(1, 30, 5000), 1)
+        (directory / "profile_prefill.txt").write_text(prefill.key_averages().table(sort_by=sort, row_limit=40))
+        ids = [engine.add_request(engine.processor.prepare(conversation(clip)), params)
+               for clip in clips(requests, 30, 5001)]
+        seen: set[str] = set()
+        while len(seen) < len(ids):  # every request past its prefill
+            seen.update(output.request_id for output in engine.step())
+        for _ in range(4):
+            engine.step()
+        synchronize(device)
+        with profile(activities=activities) as decode:
+            for _ in range(12):
+                engine.step()
+            synchronize(device)
+        (directory / "profile_decode.txt").write_text(decode.key_averages().table(sort_by=sort, row_limit=40))
+        for request_id in ids:
+            engine.abort(request_id)
+    except Exception as exc:  # diagnostics only
+        log(f"   profiling failed: {type(exc).__name__}: {exc}")
+
+
 # --- transformers ------------------------------------------------------------------------------
 
 
@@ -333,6 +366,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--no-fp8-kv", action="store_true", help="skip the run with an fp8 KV cache")
     parser.add_argument("--output", help="write the figures and checks here as JSON")
+    parser.add_argument("--profile-dir", help="also write kernel tables of our prefill and decode steps here")
     return parser.parse_args()
 
 
@@ -398,6 +432,8 @@ class Bench:
                 self.report[f"{name} vs ours common prefix"] = agree
                 log(f"   greedy tokens agree with the default engine's on the first {agree} of 32")
             self.results[name] = measure_ours(engine, args.requests, args.new_tokens, args.repeats)
+            if args.profile_dir and options == self.options:
+                profile_ours(engine, args.requests, pathlib.Path(args.profile_dir), self.device)
             del engine
             release()
 

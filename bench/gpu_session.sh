@@ -15,7 +15,7 @@ transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.
 timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -p no:cacheprovider -o addopts="" -q -x -rs \
     tests/test_kernels.py tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log"
 tests=$?
-timeout "${BENCH_TIMEOUT:-370}" python3 bench/gpu.py --output "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-370}" python3 bench/gpu.py --output "$OUT/gpu.json" --profile-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 bench=$?
 echo "tests exit $tests, bench exit $bench"
 exit $(( tests || bench ))

@@ -15,7 +15,8 @@ def test_gpu_benchmark_runs_at_toy_size_and_both_sides_agree(tmp_path):
     output = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--device", "cpu", "--dtype", "float32",
-         "--requests", "3", "--new-tokens", "16", "--repeats", "2", "--output", str(output)],
+         "--requests", "3", "--new-tokens", "16", "--repeats", "2", "--output", str(output),
+         "--profile-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -26,3 +27,5 @@ def test_gpu_benchmark_runs_at_toy_size_and_both_sides_agree(tmp_path):
     for side in ("ours", "transformers"):
         assert all(value > 0 for value in report[side].values()), report[side]
     assert "time to first token, 30 s clip (ms)" in result.stdout
+    for name in ("profile_prefill.txt", "profile_decode.txt"):  # kernel tables for the next tuning round
+        assert "Self CPU" in (tmp_path / name).read_text()
