@@ -110,14 +110,13 @@ class StaticDecoder:
     def _fill(self, host_buffer: torch.Tensor, requests: Sequence[Request], size: int, ahead: int) -> None:
         """Write this step's rows into a pinned host buffer (a numpy view: no per-element torch calls)."""
         host = host_buffer.numpy()
-        block_size = self.block_size
         for row, request in enumerate(requests):
             blocks = request.table.blocks
             position = request.num_tokens - 1 + ahead
             line = host[row]
             line[0] = request.output_ids[-1] if not ahead else 0  # ahead: copied in on the device
             line[1] = position
-            line[2] = blocks[position // block_size] * block_size + position % block_size
+            line[2] = request.table.slot(position, self.block_size)
             line[3] = position + 1
             line[_FIELDS:_FIELDS + len(blocks)] = blocks
         self._pad(host_buffer, len(requests), size)

@@ -258,8 +258,7 @@ class Engine:
     def _continues(self, request: Request) -> bool:
         """Still running after the token in flight, unless that token is an end token or a stop string."""
         return (self.requests.get(request.request_id) is request and request.finish_reason is None
-                and len(request.output_ids) + 1 < request.params.max_new_tokens
-                and request.num_tokens + 1 < request.max_total_tokens)
+                and not request.length_reached(pending=1))
 
     def _grow(self, requests: list[Request]) -> bool:
         """A cache slot for each request's token after the one in flight; False if one is short

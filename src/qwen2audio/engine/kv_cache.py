@@ -22,6 +22,10 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     cached_tokens: int = 0
 
+    def slot(self, position: int, block_size: int) -> int:
+        """Where the keys/values of token ``position`` live in the flattened cache."""
+        return self.blocks[position // block_size] * block_size + position % block_size
+
 
 def block_hashes(token_keys: Sequence[bytes], block_size: int) -> list[bytes]:
     """Chained hashes of each *full* block of ``token_keys`` (one bytes key per token)."""

@@ -126,6 +126,12 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def length_reached(self, pending: int = 0) -> bool:
+        """Whether the reply is at its length limit (max_new_tokens or the context), counting
+        ``pending`` tokens sampled but not appended yet."""
+        return (len(self.output_ids) + pending >= self.params.max_new_tokens
+                or self.num_tokens + pending >= self.max_total_tokens)
+
     def append(self, token: int) -> str:
         """Record a sampled token; return the newly releasable text and settle the finish reason."""
         self.output_ids.append(token)
@@ -137,7 +143,7 @@ class Request:
         delta = self.detokenizer.add(token)
         if self.detokenizer.stopped_on is not None:
             self.finish_reason = "stop"
-        elif len(self.output_ids) >= params.max_new_tokens or self.num_tokens >= self.max_total_tokens:
+        elif self.length_reached():
             self.finish_reason = "length"
             delta += self.detokenizer.finish()
         return delta

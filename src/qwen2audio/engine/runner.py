@@ -228,8 +228,7 @@ class ModelRunner:
                 ids.append(request.output_ids[-1])
             span = range(start, request.num_tokens)
             positions.extend(span)
-            blocks = request.table.blocks
-            slots.extend(blocks[p // self.block_size] * self.block_size + p % self.block_size for p in span)
+            slots.extend(request.table.slot(p, self.block_size) for p in span)
             query_lens.append(len(span))
         audio, audio_index = self._audio_inputs(step.prefills, query_lens)
         meta = self._metadata(requests, query_lens, slots, len(step.prefills))
