@@ -44,8 +44,9 @@ class StaticDecoder:
         rows, columns = self.buckets[-1], _FIELDS + self.width
         # Two host buffers, used in turn: with pipelined steps the copy from one may still be queued
         # when the next step's rows are written (the one before it has been waited for).
-        self.hosts = [torch.zeros(rows, columns, dtype=torch.int64, pin_memory=device.type == "cuda")
-                      for _ in range(2)]
+        pinned = device.type == "cuda"
+        self.hosts = [torch.zeros(rows, columns, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+        self.sampled = [torch.zeros(rows, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]  # read back
         self.turn = 0
         self.inputs = torch.zeros(rows, columns, dtype=torch.int64, device=device)
         self._pad(self.hosts[0], 0, rows)
@@ -78,6 +79,18 @@ class StaticDecoder:
             captured[0].replay()
             logits = captured[1]
         return logits[: len(requests)]
+
+    def read_back(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying the tokens sampled from the last run's logits to pinned host memory (the
+        buffer of that run's turn, so it is free by the same argument as the inputs'); returns the
+        host view and an event to wait on (None on the CPU, where the copy is done at once)."""
+        host = self.sampled[self.turn ^ 1][: tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        if not tokens.is_cuda:
+            return host, None
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -106,10 +106,6 @@ class Engine:
         self.pipelined = (options.async_decode if options.async_decode is not None
                           else self.runner.static is not None and self.runner.device.type == "cuda")
         self._inflight: _Inflight | None = None
-        rows = max(options.max_graph_batch, 1)
-        self._host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=self.runner.device.type == "cuda")
-                             for _ in range(2)]  # used in turn, like the static decoder's input buffers
-        self._turn = 0
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a prepared prompt; returns its id. Bad parameters or an over-long prompt raise here."""
@@ -210,7 +206,6 @@ class Engine:
         (they are read on the host every step)."""
         static = self.runner.static
         return (self.pipelined and static is not None and bool(requests) and static.bucket(len(requests)) is not None
-                and len(requests) <= self._host_tokens[0].shape[0]
                 and all(r.params.logprobs is None for r in requests))
 
     def _launch(self, requests: list[Request], ahead: int, tokens: torch.Tensor | None) -> _Inflight | None:
@@ -223,14 +218,7 @@ class Engine:
             logger.exception("pipelined decode step failed; running it the plain way")
             return None
         sampled = self.sampler.sample_on_device(logits, requests, lag=ahead)
-        host = self._host_tokens[self._turn][: len(requests)]
-        self._turn ^= 1
-        host.copy_(sampled, non_blocking=True)
-        done = None
-        if sampled.is_cuda:
-            done = torch.cuda.Event()
-            done.record()
-        return _Inflight(list(requests), sampled, host, done)
+        return _Inflight(list(requests), sampled, *self.runner.static.read_back(sampled))
 
     def _advance(self) -> list[RequestOutput]:
         """Launch the step after the one in flight (if it can run ahead), then read the one in flight."""

@@ -188,8 +188,7 @@ class ModelRunner:
         if graphs and not self.use_kernels:
             logger.warning("no CUDA graphs: they need the Triton kernels (is triton installed?)")
         elif graphs and max_graph_batch > 0:
-            self.static = StaticDecoder(network, self.caches, block_size, self.scratch_block,
-                                        text.max_position_embeddings, max_graph_batch, self.use_kernels)
+            self.use_static_decoder(max_graph_batch)
             try:
                 self.static.capture()
             except Exception:  # a device or driver that cannot capture: decode eagerly instead
@@ -197,8 +196,8 @@ class ModelRunner:
                 self.static = None
 
     def use_static_decoder(self, max_batch: int) -> None:
-        """Run decode-only steps through the static decoder without capturing graphs: the padded,
-        fixed-buffer path the graphs replay, checkable on any device."""
+        """Run decode-only steps through the static decoder (graphs are captured separately, on
+        CUDA): alone, the padded fixed-buffer path the graphs replay, checkable on any device."""
         text = self.network.config.text
         self.static = StaticDecoder(self.network, self.caches, self.block_size, self.scratch_block,
                                     text.max_position_embeddings, max_batch, self.use_kernels)

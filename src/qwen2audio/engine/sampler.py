@@ -43,15 +43,16 @@ class Sampler:
         """Tokens [S] on the logits' device, with no host synchronisation. ``lag``: tokens each request
         has sampled that its host state does not show yet (a pipelined step), for min_new_tokens."""
         penalized = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
+        rows = self.to_device(penalized, torch.long) if penalized else None
         slots = self._seen.slots([requests[i] for i in penalized], logits.shape[-1], self.to_device)
-        logits = self._penalize(logits.clone(), requests, lag, penalized, slots)
+        logits = self._penalize(logits.clone(), requests, lag, rows, slots)
         flags = [r.params.greedy for r in requests]
         tokens = logits.argmax(dim=-1)  # [S]
         if not all(flags):
             greedy = self.to_device(flags, torch.bool)
             tokens = torch.where(greedy, tokens, self._sample(logits, requests))
-        if penalized:  # the new tokens count as seen from the next step on, without the host
-            self._seen.mark(slots, tokens.index_select(0, self.to_device(penalized, torch.long)))
+        if rows is not None:  # the new tokens count as seen from the next step on, without the host
+            self._seen.mark(slots, tokens.index_select(0, rows))
         return tokens
 
     def to_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
@@ -63,16 +64,18 @@ class Sampler:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def _penalize(
-        self, logits: torch.Tensor, requests: Sequence[Request], lag: int, rows: list[int], slots: torch.Tensor | None
+        self, logits: torch.Tensor, requests: Sequence[Request], lag: int, rows: torch.Tensor | None,
+        slots: torch.Tensor | None,
     ) -> torch.Tensor:
-        if rows:
+        """``rows`` [R]: the repetition-penalised rows; ``slots`` [R]: their seen-token rows."""
+        if rows is not None:
             # transformers' RepetitionPenaltyLogitsProcessor: over prompt and output ids alike.
-            index = self.to_device(rows, torch.long)
             seen = self._seen.masks(slots)  # [R, vocab]
-            penalty = self.to_device([requests[i].params.repetition_penalty for i in rows], torch.float32)
-            sub = logits.index_select(0, index)
+            penalty = self.to_device([r.params.repetition_penalty for r in requests
+                                      if r.params.repetition_penalty != 1.0], torch.float32)
+            sub = logits.index_select(0, rows)
             scaled = torch.where(sub > 0, sub / penalty[:, None], sub * penalty[:, None])
-            logits.index_copy_(0, index, torch.where(seen, scaled, sub))
+            logits.index_copy_(0, rows, torch.where(seen, scaled, sub))
         vocab = logits.shape[-1]
         banned = [i * vocab + t for i, request in enumerate(requests)
                   if len(request.output_ids) + lag < request.params.min_new_tokens
