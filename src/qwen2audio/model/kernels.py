@@ -182,6 +182,22 @@ def rope_and_cache(
 
 
 @triton.jit
+def _split_range(Lens, seq, stride_len, SPLITS: tl.constexpr, TILE: tl.constexpr):
+    """[lo, hi): the context positions this program's split covers, whole tiles except the last."""
+    length = tl.load(Lens + seq * stride_len).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE
+    lo = tl.program_id(2) * per_split
+    return lo, tl.minimum(lo + per_split, length)
+
+
+@triton.jit
+def _kv_rows(Tables, seq, stride_tb, offs, ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr):
+    """Cache offsets [TILE] of context positions ``offs`` of one KV head, through the block table."""
+    blocks = tl.load(Tables + seq * stride_tb + offs // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+    return blocks * stride_kb + (offs % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+
+
+@triton.jit
 def _decode_split(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
                      stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb, stride_len,
                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -190,10 +206,7 @@ def _decode_split(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    length = tl.load(Lens + seq * stride_len).to(tl.int32)
-    per_split = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, length)
+    lo, hi = _split_range(Lens, seq, stride_len, SPLITS, TILE)
     g = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + g
     head_ok = g < GROUP
@@ -207,8 +220,7 @@ def _decode_split(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
     for start in range(lo, hi, TILE):
         offs = start + tl.arange(0, TILE)
         ok = offs < hi
-        blocks = tl.load(Tables + seq * stride_tb + offs // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        rows = blocks * stride_kb + (offs % BLOCK_SIZE) * stride_ks + kv_head * stride_kh  # [TILE]
+        rows = _kv_rows(Tables, seq, stride_tb, offs, ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
         kv_ok = ok[:, None] & d_ok[None, :]
         k = tl.load(KC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0).to(q.dtype)  # [TILE, BLOCK_D]
         v = tl.load(VC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0).to(q.dtype)
@@ -237,10 +249,7 @@ def _decode_split_mha(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     split = tl.program_id(2)
-    length = tl.load(Lens + seq * stride_len).to(tl.int32)
-    per_split = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, length)
+    lo, hi = _split_range(Lens, seq, stride_len, SPLITS, TILE)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q = tl.load(Q + seq * stride_qt + head * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -250,8 +259,7 @@ def _decode_split_mha(Q, KC, VC, Tables, Lens, PartO, PartM, PartL, scale,
     for start in range(lo, hi, TILE):
         offs = start + tl.arange(0, TILE)
         ok = offs < hi
-        blocks = tl.load(Tables + seq * stride_tb + offs // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        rows = blocks * stride_kb + (offs % BLOCK_SIZE) * stride_ks + head * stride_kh  # [TILE]
+        rows = _kv_rows(Tables, seq, stride_tb, offs, ok, head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
         kv_ok = ok[:, None] & d_ok[None, :]
         k = tl.load(KC + rows[:, None] + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)  # [TILE, BLOCK_D]
         s = tl.sum(k * q[None, :], axis=1) * scale  # [TILE]
