@@ -582,3 +582,19 @@ def test_a_non_qwen2_audio_tokenizer_is_refused(tmp_path: pathlib.Path, tiny_dir
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(PromptError, match=r"the tokenizer has no <\|AUDIO\|> token"):
         Processor(Tokenizer.from_dir(tmp_path), ChatTemplate("{{ messages }}"))
+
+
+def test_placeholder_count_follows_the_checkpoints_feature_settings() -> None:
+    """A preprocessor config with another hop length changes how many tokens a clip yields: the
+    prompt's <|AUDIO|> run and the features it is paired with must both follow it (a default
+    config in one place and the checkpoint's in the other disagreed)."""
+    from qwen2audio.audio.features import FeatureConfig, FeatureExtractor
+
+    real = Processor.from_pretrained(REAL_DIR)
+    coarse = Processor(real.tokenizer, real.chat_template, FeatureExtractor(FeatureConfig(hop_length=320)))
+    clip = _clip(7.0, 3)
+    batch = coarse([[{"role": "user", "content": [{"type": "audio", "audio": clip}, T("Hi")]}]])
+    placeholders = int((batch.input_ids == coarse.audio_id).sum())
+    # 7 s at hop 320: 350 frames -> 175 after the stride-2 conv -> (175 - 2) // 2 + 1 = 87 after pooling
+    assert placeholders == 87 == sum(batch.window_tokens)
+    assert int(batch.feature_attention_mask.sum()) == 350

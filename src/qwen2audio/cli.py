@@ -179,14 +179,15 @@ def _table_text(output: str) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Decode each file and report what the model would see: duration, windows, audio tokens."""
-    from qwen2audio.audio.features import FeatureConfig, audio_token_count, frame_count, split_windows
+    from qwen2audio.audio.features import FeatureExtractor, split_windows
     from qwen2audio.audio.io import load_audio
 
-    config = FeatureConfig()
+    extractor = FeatureExtractor()
+    config = extractor.config
     for path in args.files:
         samples = load_audio(path, max_duration_s=args.max_duration)
         windows = split_windows(samples, config)
-        tokens = sum(audio_token_count(frame_count(len(w), config)) for w in windows)
+        tokens = extractor.token_count(samples)
         report = {
             "file": path,
             "seconds": round(len(samples) / config.sampling_rate, 3),

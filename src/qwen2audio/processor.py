@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qwen2audio.audio.features import FeatureConfig, FeatureExtractor, audio_token_count, frame_count, split_windows
+from qwen2audio.audio.features import FeatureConfig, FeatureExtractor
 from qwen2audio.audio.io import DEFAULT_MAX_DURATION_S, UrlPolicy, load_audio
 from qwen2audio.config import ModelConfig
 from qwen2audio.errors import InputError, PromptError
@@ -184,7 +184,7 @@ class Processor:
                 f"a prompt must be a conversation (list of messages) or a string, not {type(item).__name__}"
             )
         samples = [self._load(source, where) for source, where in sources]
-        counts = [sum(audio_token_count(frame_count(len(w))) for w in split_windows(s)) for s in samples]
+        counts = [self.feature_extractor.token_count(s) for s in samples]
         ids, placements = expand_audio_tokens(
             self.tokenizer.encode(text), counts, self.audio_id, self.audio_bos_id, self.audio_eos_id
         )
@@ -217,9 +217,8 @@ class Processor:
         window, clip = 0, 0
         for prompt in prompts:
             row_spans = []
-            for offset, digest in zip(prompt.offsets, prompt.digests, strict=True):
+            for offset, length, digest in zip(prompt.offsets, prompt.lengths, prompt.digests, strict=True):
                 n_windows = features.window_counts[clip]
-                length = sum(features.window_tokens[window:window + n_windows])
                 row_spans.append(AudioSpan(offset, length, window, n_windows, digest))
                 window, clip = window + n_windows, clip + 1
             spans.append(row_spans)

@@ -144,7 +144,7 @@ class Transcriber:
         rate = processor.feature_extractor.config.sampling_rate
         transcript = Transcript(name, language=self.language, task=self.task)
         jobs = []
-        for k, window in enumerate(split_windows(samples)):
+        for k, window in enumerate(split_windows(samples, processor.feature_extractor.config)):
             segment = Segment(k * window_seconds, min((k + 1) * window_seconds, len(samples) / rate), "")
             transcript.segments.append(segment)
             jobs.append((segment, processor.prepare(self._item(window), iter([window]))))

@@ -118,6 +118,10 @@ class FeatureExtractor:
         self._window = torch.hann_window(config.n_fft)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def token_count(self, samples: np.ndarray) -> int:
+        """Audio tokens a clip yields over all its windows, with this extractor's settings."""
+        return sum(audio_token_count(frame_count(len(w), self.config)) for w in split_windows(samples, self.config))
+
     def __call__(self, audios: Sequence[np.ndarray], device: str | torch.device | None = None) -> AudioFeatures:
         """Split each clip into windows and featurize them all in one batch."""
         windows: list[np.ndarray] = []
@@ -144,9 +148,10 @@ class FeatureExtractor:
             return AudioFeatures(empty, torch.zeros(0, cfg.nb_max_frames, dtype=torch.long), counts, [])
         device = torch.device(device) if device is not None else torch.device("cpu")
         features = self.log_mel([torch.as_tensor(w) for w in windows], device)
-        frames = torch.tensor([frame_count(n, cfg) for n in lengths], device=device)
+        valid = [frame_count(n, cfg) for n in lengths]
+        frames = torch.tensor(valid, device=device)
         mask = (torch.arange(cfg.nb_max_frames, device=device)[None, :] < frames[:, None]).long()  # [W, frames]
-        tokens = [audio_token_count(frame_count(n, cfg)) for n in lengths]
+        tokens = [audio_token_count(n) for n in valid]
         return AudioFeatures(features, mask, counts, tokens)
 
     def log_mel(self, windows: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
