@@ -69,9 +69,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise InputError("give --audio, --prompt, or both")
     model = _load_model(args)
     if args.raw:
+        from qwen2audio.text.prompt import AUDIO_PLACEHOLDER, AUDIO_TOKEN
+
         prompt = args.prompt or ""
-        if args.audio and "<|AUDIO|>" not in prompt:
-            prompt = "<|audio_bos|><|AUDIO|><|audio_eos|>" * len(args.audio) + prompt
+        if args.audio and AUDIO_TOKEN not in prompt:
+            prompt = AUDIO_PLACEHOLDER * len(args.audio) + prompt
         if args.json:
             return _print_json(model.complete(prompt, args.audio, **_sampling(args)))
         stream = model.complete(prompt, args.audio, stream=True, **_sampling(args))

@@ -8,16 +8,18 @@ public engine API like every other front end.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from qwen2audio.errors import InputError
+from qwen2audio.text.prompt import AUDIO_PLACEHOLDER
 
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
                   "ja": "Japanese", "es": "Spanish", "it": "Italian"}
@@ -49,7 +51,7 @@ TASKS: dict[str, Task] = {
                        prompt="Classify the human vocal sound to VocalSound in English:"),
     "airbench-chat": Task("chat", "none", None),
 }
-AUDIO = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+AUDIO = AUDIO_PLACEHOLDER
 
 
 def task_prompt(task: Task, item: dict[str, Any]) -> str | list[dict[str, Any]]:
@@ -68,16 +70,24 @@ def task_prompt(task: Task, item: dict[str, Any]) -> str | list[dict[str, Any]]:
 # ----- metrics ---------------------------------------------------------------------------------
 
 
-def normalize_english(text: str) -> str:
+@functools.cache
+def _normalizers() -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """Whisper's English and basic normalizers, built once: building one costs about three
+    normalizations, and the running score renormalizes the whole run after every batch."""
+    from whisper_normalizer.basic import BasicTextNormalizer
     from whisper_normalizer.english import EnglishTextNormalizer
 
-    return EnglishTextNormalizer()(text)
+    return EnglishTextNormalizer(), BasicTextNormalizer()
 
 
+@functools.lru_cache(maxsize=65536)
+def normalize_english(text: str) -> str:
+    return _normalizers()[0](text)
+
+
+@functools.lru_cache(maxsize=65536)
 def normalize_basic(text: str) -> str:
-    from whisper_normalizer.basic import BasicTextNormalizer
-
-    return BasicTextNormalizer()(text)
+    return _normalizers()[1](text)
 
 
 def normalize_chinese(text: str) -> str:

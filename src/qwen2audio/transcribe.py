@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from qwen2audio.audio.features import split_windows
 from qwen2audio.audio.io import load_audio
 from qwen2audio.errors import InputError
+from qwen2audio.text.prompt import AUDIO_PLACEHOLDER
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mp4", ".mka", ".wma"}
 LANGUAGES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
@@ -126,9 +127,9 @@ class Transcriber:
     def prompt(self) -> str | list[dict[str, Any]]:
         if not self.chat:
             if self.task == "translate":
-                return "<|audio_bos|><|AUDIO|><|audio_eos|>Translate the speech into English:"
+                return f"{AUDIO_PLACEHOLDER}Translate the speech into English:"
             tag = f"<|{self.language}|>" if self.language else ""
-            return f"<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: {tag}"
+            return f"{AUDIO_PLACEHOLDER}Detect the language and recognize the speech: {tag}"
         spoken = f" The speech is in {LANGUAGES.get(self.language, self.language)}." if self.language else ""
         if self.task == "translate":
             instruction = f"Translate the speech into English.{spoken} Reply with the translation only."

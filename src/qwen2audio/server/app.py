@@ -385,11 +385,13 @@ def _logprobs(srv: Server, entries: list[dict[str, Any]], chat: bool) -> dict[st
     def token(token_id: int) -> str:
         return decode([token_id], skip_special_tokens=False)
 
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token(token_id)  # decoded once for both fields
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
     if chat:
-        return {"content": [{"token": token(e["token_id"]), "logprob": e["logprob"],
-                             "bytes": list(token(e["token_id"]).encode()),
-                             "top_logprobs": [{"token": token(t), "logprob": lp, "bytes": list(token(t).encode())}
-                                              for t, lp in e["top"]]} for e in entries]}
+        return {"content": [{**entry(e["token_id"], e["logprob"]),
+                             "top_logprobs": [entry(t, lp) for t, lp in e["top"]]} for e in entries]}
     return {"tokens": [token(e["token_id"]) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{token(t): lp for t, lp in e["top"]} for e in entries]}
 

@@ -69,7 +69,9 @@ class MediaPolicy:
         host = urllib.parse.urlsplit(url).hostname or ""
         if not self.host_allowed(host):
             raise AudioError(f"{where}: host {host!r} is not allowed (private, loopback or link-local address)")
-        policy = UrlPolicy(max_bytes=self.max_bytes, timeout_s=self.timeout_s, allow_host=self.host_allowed)
+        # The host was just checked: the loader checks only where redirects lead (one DNS lookup less).
+        policy = UrlPolicy(max_bytes=self.max_bytes, timeout_s=self.timeout_s,
+                           allow_host=lambda name: name == host or self.host_allowed(name))
         return load_audio(url, url_policy=policy)
 
     def _local(self, url: str, where: str) -> str:

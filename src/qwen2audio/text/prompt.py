@@ -22,6 +22,7 @@ from qwen2audio.errors import PromptError
 AUDIO_TOKEN = "<|AUDIO|>"  # noqa: S105 (a token, not a password)
 AUDIO_BOS = "<|audio_bos|>"
 AUDIO_EOS = "<|audio_eos|>"
+AUDIO_PLACEHOLDER = AUDIO_BOS + AUDIO_TOKEN + AUDIO_EOS  # one clip in a base-model (raw) prompt
 
 # transformers' Qwen2AudioProcessor.default_chat_template: used when a checkpoint ships none.
 DEFAULT_CHAT_TEMPLATE = (
