@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from qwen2audio.audio.io import DEFAULT_MAX_DURATION_S
 from qwen2audio.errors import CheckpointError, InputError
 
 EXIT_USAGE = 2
@@ -112,11 +113,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
-    from qwen2audio.transcribe import Transcriber, collect_files
+    from qwen2audio.transcribe import WINDOW_TOKENS, Transcriber, collect_files
 
     files = collect_files(args.inputs)
     transcriber = Transcriber(_load_model(args), language=args.language, task=args.task,
-                              max_new_tokens=args.max_new_tokens or 448)
+                              max_new_tokens=args.max_new_tokens or WINDOW_TOKENS)
     results = transcriber.transcribe(files, progress=not args.quiet)
     for result in results:
         text = result.render(args.format)
@@ -292,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(inspect, model=False)
     inspect.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg, opus, m4a, webm, ...)")
     inspect.add_argument("--json", action="store_true", help="one JSON object per file")
-    inspect.add_argument("--max-duration", type=float, default=1200.0, help="longest accepted clip in seconds")
+    inspect.add_argument("--max-duration", type=float, default=DEFAULT_MAX_DURATION_S,
+                         help="longest accepted clip in seconds")
     inspect.set_defaults(handler=_cmd_inspect)
     return parser
 

@@ -65,7 +65,11 @@ class ModelConfig:
     audio: AudioEncoderConfig
     text: TextConfig
     audio_token_id: int = 151646
-    tie_word_embeddings: bool = False
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        """Whether the output head reuses the embedding matrix (read once into the decoder's config)."""
+        return self.text.tie_word_embeddings
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -77,7 +81,7 @@ class ModelConfig:
         tie = bool(text_data.get("tie_word_embeddings", data.get("tie_word_embeddings", False)))
         text = _text_config(text_data, tie)
         audio_token_id = int(data.get("audio_token_index", data.get("audio_token_id", 151646)))
-        return cls(audio=audio, text=text, audio_token_id=audio_token_id, tie_word_embeddings=tie)
+        return cls(audio=audio, text=text, audio_token_id=audio_token_id)
 
     @classmethod
     def from_dir(cls, directory: str | pathlib.Path) -> ModelConfig:

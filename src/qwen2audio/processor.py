@@ -61,7 +61,7 @@ class Prompt:
     audios: list[np.ndarray]
     offsets: list[int]
     digests: list[str]
-    lengths: list[int] = field(default_factory=list)  # audio tokens of each clip
+    lengths: list[int]  # audio tokens of each clip
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,7 @@ from qwen2audio.audio.io import load_audio
 from qwen2audio.errors import InputError
 from qwen2audio.text.prompt import AUDIO_PLACEHOLDER
 
+WINDOW_TOKENS = 448  # most tokens a 30 s window's transcript may take (Whisper's limit)
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mp4", ".mka", ".wma"}
 LANGUAGES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
              "es": "Spanish", "it": "Italian", "ja": "Japanese", "ko": "Korean", "ru": "Russian",
@@ -112,7 +113,7 @@ class Transcriber:
     """Runs every window of every file through the engine at once (continuous batching)."""
 
     def __init__(self, model: Any, language: str | None = None, task: str = "transcribe",
-                 max_new_tokens: int = 448, chat: bool | None = None) -> None:
+                 max_new_tokens: int = WINDOW_TOKENS, chat: bool | None = None) -> None:
         if task not in ("transcribe", "translate"):
             raise InputError(f"task must be transcribe or translate, not {task!r}")
         if language is not None and not re.fullmatch(r"[a-z]{2,3}", language):
@@ -153,13 +154,14 @@ class Transcriber:
 
     def transcribe(self, files: Sequence[pathlib.Path | str], progress: bool = True) -> list[Transcript]:
         engine = self.model.engine
+        params = self.params()
         transcripts, owners = [], {}
         for path in files:
             transcript, jobs = self.plan(load_audio(path), str(path))
             transcripts.append(transcript)
             for segment, prepared in jobs:
-                owners[engine.add_request(prepared, self.params())] = (transcript, segment, [])
-        remaining = {t.path: len(t.segments) for t in transcripts}
+                owners[engine.add_request(prepared, params)] = (transcript, segment, [])
+        remaining = {id(t): len(t.segments) for t in transcripts}  # by object: a file may be given twice
         with tqdm(total=len(transcripts), unit="file", desc="transcribing", disable=not progress) as bar:
             for output in engine.run(set(owners)):
                 transcript, segment, parts = owners[output.request_id]
@@ -168,8 +170,8 @@ class Transcriber:
                     if output.error:
                         raise RuntimeError(f"{transcript.path}: {output.error}")
                     segment.text = clean_transcript("".join(parts))
-                    remaining[transcript.path] -= 1
-                    if remaining[transcript.path] == 0:
+                    remaining[id(transcript)] -= 1
+                    if remaining[id(transcript)] == 0:
                         bar.update(1)
         return transcripts
 
