@@ -7,12 +7,13 @@ requests become engine requests through the Processor and the media policy, noth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import pathlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,10 +83,24 @@ class Server:
         self.metrics = Metrics(self.engine)
         self.pending = 0
 
-    def admit(self, count: int) -> None:
+    def check_capacity(self, count: int) -> None:
         if self.pending + count > self.options.max_pending:
             raise APIError(429, "the server is at capacity; retry later", "rate_limit_error", code="queue_full")
+
+    @contextlib.contextmanager
+    def holding(self, count: int) -> Iterator[None]:
+        """Count ``count`` requests as pending while the block runs, however it ends."""
         self.pending += count
+        try:
+            yield
+        finally:
+            self.pending -= count
+
+    @contextlib.contextmanager
+    def admitted(self, count: int) -> Iterator[None]:
+        self.check_capacity(count)
+        with self.holding(count):
+            yield
 
     async def stream(self, prompt: Any, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         started = time.perf_counter()
@@ -202,11 +217,9 @@ def create_app(model: Qwen2Audio, options: ServerOptions | None = None) -> FastA
         samples = await asyncio.to_thread(load_audio, data)
         transcript, jobs = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
         srv = server()
-        srv.admit(len(jobs))
-        try:
-            texts = await asyncio.gather(*(_collect(srv, prompt, transcriber.params()) for _, prompt in jobs))
-        finally:
-            srv.pending -= len(jobs)
+        params = transcriber.params()
+        with srv.admitted(len(jobs)):
+            texts = await asyncio.gather(*(_collect(srv, prompt, params) for _, prompt in jobs))
         for (segment, _), (text, _, _) in zip(jobs, texts, strict=True):
             segment.text = clean_transcript(text)
         duration = len(samples) / 16000
@@ -287,17 +300,17 @@ async def _respond(srv: Server, request: Request, prompt: Any, body: Any, max_to
             p.with_defaults(srv.model.engine.defaults)
         except InputError as exc:
             raise APIError(400, str(exc)) from None
-    srv.admit(body.n)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if body.stream:
+        # Refused here (a 429 needs the status line); counted by the stream itself while it runs,
+        # so a client gone before the first event leaves no count behind.
+        srv.check_capacity(body.n)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         generator = _sse(srv, prompt, params, ident, chat, include_usage)
         return StreamingResponse(generator, media_type="text/event-stream")
-    try:
+    with srv.admitted(body.n):
         work = asyncio.gather(*(_collect(srv, prompt, p) for p in params))
         results = await _unless_disconnected(request, work)
-    finally:
-        srv.pending -= body.n
     choices = []
     usage = {"prompt_tokens": len(prompt.token_ids), "completion_tokens": 0}
     for index, (text, last, lps) in enumerate(results):
@@ -347,36 +360,36 @@ async def _sse(srv: Server, prompt: Any, params: list[SamplingParams], ident: st
         except Exception as exc:  # reported in the stream: the status line has already gone out
             await queue.put((index, exc))
 
-    tasks = [asyncio.create_task(pump(k, p)) for k, p in enumerate(params)]
-    completion_tokens, open_streams = 0, len(params)
-    try:
-        if chat:
-            yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for k in range(len(params))])
-        while open_streams:
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                message = item.message if isinstance(item, APIError) else str(item)
-                yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
-                open_streams -= 1
-                continue
-            lps = _logprobs(srv, item.logprobs, chat) if params[index].logprobs is not None else None
-            content = {"delta": {"content": item.delta}} if chat else {"text": item.delta}
-            if item.delta or item.finished:
-                yield chunk([{"index": index, **content, "logprobs": lps,
-                              "finish_reason": item.finish_reason if item.finished else None}])
-            if item.finished:
-                completion_tokens += item.completion_tokens
-                open_streams -= 1
-        if include_usage:
-            prompt_tokens = len(prompt.token_ids)
-            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens})
-        yield "data: [DONE]\n\n"
-    finally:
-        for task in tasks:
-            task.cancel()
-        srv.pending -= len(params)
+    with srv.holding(len(params)):  # counted while the stream runs, however it ends
+        tasks = [asyncio.create_task(pump(k, p)) for k, p in enumerate(params)]
+        completion_tokens, open_streams = 0, len(params)
+        try:
+            if chat:
+                yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for k in range(len(params))])
+            while open_streams:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    message = item.message if isinstance(item, APIError) else str(item)
+                    yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+                    open_streams -= 1
+                    continue
+                lps = _logprobs(srv, item.logprobs, chat) if params[index].logprobs is not None else None
+                content = {"delta": {"content": item.delta}} if chat else {"text": item.delta}
+                if item.delta or item.finished:
+                    yield chunk([{"index": index, **content, "logprobs": lps,
+                                  "finish_reason": item.finish_reason if item.finished else None}])
+                if item.finished:
+                    completion_tokens += item.completion_tokens
+                    open_streams -= 1
+            if include_usage:
+                prompt_tokens = len(prompt.token_ids)
+                yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens})
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
 def _logprobs(srv: Server, entries: list[dict[str, Any]], chat: bool) -> dict[str, Any]:
