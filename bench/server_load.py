@@ -20,7 +20,6 @@ import io
 import json
 import pathlib
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import soundfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 from checkpoints import build_checkpoint
+from serving import free_port
 
 
 def wav_b64(seconds: float, rng: np.random.Generator) -> str:
@@ -133,9 +133,7 @@ def main() -> None:
     parser.add_argument("--warm-passes", type=int, default=3, help="unmeasured passes first (caches fill)")
     args = parser.parse_args()
     model = args.model or str(build_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "tiny", seed=1))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "qwen2audio.cli", "serve", "--model", model, "--port", str(port),
                                "--served-model-name", "tiny", "--quiet", "--max-pending", "1024"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

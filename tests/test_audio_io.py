@@ -14,6 +14,8 @@ import torch
 from qwen2audio import AudioError, load_audio
 from qwen2audio.audio.io import UrlPolicy
 
+from serving import serve_bytes
+
 DATA = pathlib.Path(__file__).parent / "data"
 SPEECH_SECONDS = 6.401  # speech_en_16k.wav: 102,414 samples at 16 kHz
 
@@ -144,26 +146,9 @@ def test_url_policy_refuses_disallowed_hosts() -> None:
 
 
 def test_url_download_respects_size_limit_and_decodes(tmp_path) -> None:
-    import http.server
-    import threading
-
     payload = (DATA / "speech_en_48k.flac").read_bytes()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/speech.flac"
-    try:
+    with serve_bytes(payload) as (base, _):
+        url = f"{base}/speech.flac"
         np.testing.assert_array_equal(load_audio(url, url_policy=UrlPolicy()), load_audio(payload))
         with pytest.raises(AudioError, match="larger than the 1000 byte limit"):
             load_audio(url, url_policy=UrlPolicy(max_bytes=1000))
-    finally:
-        server.shutdown()

@@ -160,8 +160,13 @@ def test_auto_dtype_on_cpu_is_float32(checkpoints):
     assert model.device.type == "cpu" and model.dtype == torch.float32
 
 
-def copy_checkpoint(source, destination):
+def copy_checkpoint(source, destination, edit=None):
+    """A copy of a checkpoint directory; ``edit`` may change its config.json (a dict) in place."""
     shutil.copytree(source, destination)
+    if edit is not None:
+        config = json.loads((destination / "config.json").read_text())
+        edit(config)
+        (destination / "config.json").write_text(json.dumps(config))
     return destination
 
 
@@ -182,10 +187,10 @@ def test_truncated_safetensors(checkpoints, tmp_path):
 
 
 def test_wrong_shapes_are_listed(checkpoints, tmp_path):
-    directory = copy_checkpoint(checkpoints["gqa"], tmp_path / "c")
-    config = json.loads((directory / "config.json").read_text())
-    config["text_config"]["intermediate_size"] = 96
-    (directory / "config.json").write_text(json.dumps(config))
+    def edit(config):
+        config["text_config"]["intermediate_size"] = 96
+
+    directory = copy_checkpoint(checkpoints["gqa"], tmp_path / "c", edit)
     with pytest.raises(CheckpointError) as info:
         Qwen2Audio.from_pretrained(directory, progress=False)
     message = str(info.value)
@@ -196,11 +201,11 @@ def test_wrong_shapes_are_listed(checkpoints, tmp_path):
 
 
 def test_missing_and_unexpected_tensors_are_listed(checkpoints, tmp_path):
-    directory = copy_checkpoint(checkpoints["gqa"], tmp_path / "c")
-    config = json.loads((directory / "config.json").read_text())
-    config["text_config"]["num_hidden_layers"] = 3
-    config["audio_config"]["encoder_layers"] = 1
-    (directory / "config.json").write_text(json.dumps(config))
+    def edit(config):
+        config["text_config"]["num_hidden_layers"] = 3
+        config["audio_config"]["encoder_layers"] = 1
+
+    directory = copy_checkpoint(checkpoints["gqa"], tmp_path / "c", edit)
     with pytest.raises(CheckpointError) as info:
         Qwen2Audio.from_pretrained(directory, progress=False)
     message = str(info.value)
@@ -209,10 +214,10 @@ def test_missing_and_unexpected_tensors_are_listed(checkpoints, tmp_path):
 
 
 def test_unknown_model_type(checkpoints, tmp_path):
-    directory = copy_checkpoint(checkpoints["gqa"], tmp_path / "c")
-    config = json.loads((directory / "config.json").read_text())
-    config["model_type"] = "whisper"
-    (directory / "config.json").write_text(json.dumps(config))
+    def edit(config):
+        config["model_type"] = "whisper"
+
+    directory = copy_checkpoint(checkpoints["gqa"], tmp_path / "c", edit)
     with pytest.raises(CheckpointError, match="model_type 'whisper'; this package implements 'qwen2_audio'"):
         Qwen2Audio.from_pretrained(directory, progress=False)
 

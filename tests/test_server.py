@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import pathlib
 import socket
-import threading
 import time
 
 import httpx
@@ -19,7 +17,7 @@ from qwen2audio.server.app import ServerOptions, create_app
 from qwen2audio.server.media import MediaPolicy
 
 from checkpoints import build_checkpoint, greedy_oracle
-from serving import Running, free_port
+from serving import Running, free_port, serve_bytes
 
 DATA = pathlib.Path(__file__).parent / "data"
 SPEECH, TONE = DATA / "speech_en_16k.wav", DATA / "tone_440hz_3s.wav"
@@ -229,28 +227,8 @@ def chat_with_url(client, url):
 @pytest.fixture
 def audio_server():
     """A test server on 127.0.0.1 (allow-listed) that serves a clip or redirects."""
-    payload = TONE.read_bytes()
-    hits = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            if self.path.startswith("/redirect"):
-                self.send_response(302)
-                self.send_header("Location", self.path.split("to=", 1)[1])
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    server.shutdown()
+    with serve_bytes(TONE.read_bytes()) as served:
+        yield served
 
 
 def test_allowed_remote_fetch_works(client, audio_server):
