@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Sequence
 from typing import IO, Any
 
 from qwen2audio.audio.io import load_audio
@@ -15,6 +16,19 @@ from qwen2audio.errors import InputError
 
 HELP = "commands: /audio PATH, /system TEXT, /reset, /save FILE, /exit (an empty line sends attached audio alone)"
 
+
+
+def system_messages(system: str | None) -> list[dict[str, Any]]:
+    """The conversation's opening: a system message if one is given (else the template's default)."""
+    return [{"role": "system", "content": system}] if system else []
+
+
+def user_message(audios: Sequence[str], text: str | None) -> dict[str, Any]:
+    """One user turn: the audio files in order, then the text, if any."""
+    content: list[dict[str, Any]] = [{"type": "audio", "audio": path} for path in audios]
+    if text:
+        content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
 
 class ChatSession:
     def __init__(self, model: Any, sampling: dict[str, Any], system: str | None = None) -> None:
@@ -26,7 +40,7 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.messages = system_messages(self.system)
         self.pending_audio = []
 
     def loop(self, stdin: IO[str], stdout: IO[str], stderr: IO[str]) -> int:
@@ -76,10 +90,7 @@ class ChatSession:
         return None
 
     def turn(self, text: str, stdout: IO[str]) -> None:
-        content: list[dict[str, Any]] = [{"type": "audio", "audio": path} for path in self.pending_audio]
-        if text:
-            content.append({"type": "text", "text": text})
-        user = {"role": "user", "content": content}
+        user = user_message(self.pending_audio, text)
         stream = self.model.chat([*self.messages, user], stream=True, **self.sampling)
         reply: list[str] = []
         try:

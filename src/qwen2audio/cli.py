@@ -91,12 +91,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _turn(system: str | None, audios: Sequence[str], text: str | None) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    content: list[dict[str, Any]] = [{"type": "audio", "audio": path} for path in audios]
-    if text:
-        content.append({"type": "text", "text": text})
-    messages.append({"role": "user", "content": content})
-    return messages
+    from qwen2audio.chat_session import system_messages, user_message
+
+    return [*system_messages(system), user_message(audios, text)]
 
 
 def _print_json(completion: Any) -> int:
