@@ -15,6 +15,7 @@ from typing import Any
 from qwen2audio.errors import CheckpointError
 
 MODEL_TYPE = "qwen2_audio"
+SAMPLE_RATE = 16_000  # Hz: what the Whisper-style encoder hears; every clip is resampled to it
 
 
 class ConfigError(CheckpointError):
@@ -93,6 +94,46 @@ class ModelConfig:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read config.json ({exc})") from None
         return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling defaults and end tokens from ``generation_config.json``: what a request gets for a
+    field it leaves unset. ``None`` leaves the engine's own default (see SamplingParams)."""
+
+    eos_token_ids: frozenset[int]
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], fallback_eos: int) -> GenerationConfig:
+        """``do_sample`` false (or absent) means greedy, whatever temperature the file gives; end
+        tokens come from the tokenizer when the file names none."""
+        eos = data.get("eos_token_id", fallback_eos)
+        values = {name: data.get(name) for name in SAMPLING_DEFAULT_FIELDS}
+        if not data.get("do_sample", False):
+            values["temperature"] = 0.0
+        return cls(eos_token_ids=frozenset(eos if isinstance(eos, list) else [eos]), **values)
+
+    @classmethod
+    def from_dir(cls, directory: str | pathlib.Path | None, fallback_eos: int) -> GenerationConfig:
+        path = pathlib.Path(directory) / "generation_config.json" if directory is not None else None
+        if path is None or not path.is_file():
+            return cls.from_dict({}, fallback_eos)
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), fallback_eos)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read generation_config.json ({exc})") from None
+
+    def defaults(self) -> dict[str, Any]:
+        """The sampling fields this checkpoint sets (the ones left None are not in it)."""
+        return {name: getattr(self, name) for name in SAMPLING_DEFAULT_FIELDS if getattr(self, name) is not None}
+
+
+SAMPLING_DEFAULT_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
 def _audio_config(data: Mapping[str, Any]) -> AudioEncoderConfig:

@@ -1,11 +1,13 @@
 """Attention over a flattened batch of sequences, with an optional paged KV cache.
 
-Owns the per-step metadata (``AttentionMetadata``, passed down as an argument, never global) and
-the eager implementation that works on any device; faster kernels plug in behind the same call.
+Owns the per-step metadata (``AttentionMetadata``, passed down as an argument, never global), the
+KV cache layout and its dtypes, and the eager implementation that works on any device; the decode
+attention of another backend (model/backend.py) plugs in as an argument of :func:`attention`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +15,14 @@ from torch.nn import functional as F
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, kv_heads, head_dim]
 FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype: "auto" (the model's) or "fp8" (float8 e4m3, unscaled)."""
+    choices = {"auto": model_dtype, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+    if name not in choices:
+        raise ValueError(f"kv_cache_dtype {name!r}: choose one of {', '.join(choices)}")
+    return choices[name]
 
 
 @dataclass
@@ -30,7 +40,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [S, max_blocks] int64
     num_prefills: int = -1  # leading sequences with several new tokens; the rest decode one each
     decode_context_lens: torch.Tensor | None = None  # [S - num_prefills] on the device
-    use_kernels: bool = False  # the Triton kernels (model/kernels.py) instead of the eager torch ops
 
     def __post_init__(self) -> None:
         if self.num_prefills < 0:
@@ -46,20 +55,21 @@ class AttentionMetadata:
         return sum(self.query_lens)
 
 
+DecodeAttention = Callable[[torch.Tensor, KVCache, AttentionMetadata], torch.Tensor]
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     meta: AttentionMetadata,
     cache: KVCache | None,
-    cache_written: bool = False,
+    decode: DecodeAttention | None = None,
 ) -> torch.Tensor:
     """query [N, heads, d], key/value [N, kv_heads, d] -> [N, heads, d], causal per sequence.
 
-    ``cache_written``: the new keys and values are already in the cache (the fused RoPE kernel
-    stores them)."""
-    if cache is not None and not cache_written:
-        _write_cache(key, value, meta, cache)
+    With a cache, the new keys and values are already stored in it (see :func:`write_cache`);
+    ``decode`` computes the one-token rows of decoding sequences (default: :func:`decode_attention`)."""
     outputs = []
     start = 0
     for index in range(meta.num_prefills):
@@ -72,17 +82,11 @@ def attention(
         outputs.append(_causal_attention(q, k, v))
         start += q_len
     if meta.num_prefills < len(meta.query_lens):
-        if meta.use_kernels:
-            from qwen2audio.model import kernels
-
-            outputs.append(kernels.paged_decode_attention(
-                query[start:], cache, meta.block_tables[meta.num_prefills:], meta.decode_context_lens))
-        else:
-            outputs.append(_decode_attention(query[start:], cache, meta))
+        outputs.append((decode or decode_attention)(query[start:], cache, meta))
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
-def _decode_attention(query: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+def decode_attention(query: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
     """One new token per sequence, all sequences in one product: query [D, H, d] -> [D, H, d]."""
     k_cache, v_cache = cache
     block_size = k_cache.shape[1]
@@ -125,8 +129,8 @@ def _gather(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> tor
     return _as_bytes(cache)[index].view(cache.dtype).to(dtype)
 
 
-def _write_cache(key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> None:
-    slots = meta.slot_mapping
+def write_cache(key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> None:
+    """Store key/value [N, kv_heads, d] at flattened cache slots [N]."""
     for tensor, new in zip(cache, (key, value), strict=True):
         if tensor.dtype in FP8_TYPES:  # saturate explicitly, as the kernel does: casts differ by backend
             limit = torch.finfo(tensor.dtype).max

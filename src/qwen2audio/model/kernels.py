@@ -1,7 +1,7 @@
 """Triton kernels for the decoder's hot path: paged decode attention and the small fused ops.
 
 Owns the kernels and their launch wrappers; it must not know about requests or scheduling.
-Importing this module needs ``triton``; callers check ``model.kernels_available`` first. On a machine
+Importing this module needs ``triton``; model/backend.py checks that it can run before importing it. On a machine
 without a GPU the same kernels run on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1
 is set before triton is imported (the test suite does this), slowly and in fp32 only.
 """
@@ -365,56 +365,3 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, SPLITS_PAD=_pow2(splits),
     )
     return out
-
-
-def self_check(heads: int, kv_heads: int, head_dim: int, hidden: int, device: torch.device,
-               dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> str | None:
-    """Run every kernel once at the model's sizes against the eager torch code; the problem found,
-    or None. This compiles most of the variants a run needs early (Triton specialises on argument
-    values too, so a few more compile on first use, before any graph capture)."""
-    from torch.nn import functional as F
-
-    from qwen2audio.model.layers import RotaryEmbedding, apply_rotary
-
-    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, device=device).to(dtype)
-
-    def differs(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-        actual, expected = actual.float(), expected.float()
-        return not bool(((actual - expected).norm() <= tolerance * expected.norm() + 1e-6).item())
-
-    try:
-        x, residual, weight = randn(3, hidden), randn(3, hidden), randn(hidden)
-        summed = residual + x
-        reference = summed.float()
-        reference = weight * (reference * torch.rsqrt(reference.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
-        if differs(rms_norm(x, weight, 1e-6, residual)[0], reference):
-            return "rms_norm differs from the eager RMSNorm"
-        gate_up = randn(3, 2 * hidden)
-        gate, up = gate_up.chunk(2, dim=-1)
-        if differs(silu_mul(gate_up), F.silu(gate) * up):
-            return "silu_mul differs from F.silu(gate) * up"
-        n, block_size = 20, 16
-        qkv = randn(n, (heads + 2 * kv_heads) * head_dim)
-        cos, sin = RotaryEmbedding(head_dim, 10000.0)(torch.arange(n, device=device), dtype)
-        q_ref = apply_rotary(qkv[:, : heads * head_dim].reshape(n, heads, head_dim), cos, sin)
-        cache = (torch.zeros(3, block_size, kv_heads, head_dim, dtype=cache_dtype or dtype, device=device),
-                 torch.zeros(3, block_size, kv_heads, head_dim, dtype=cache_dtype or dtype, device=device))
-        rope_and_cache(qkv, cos, sin, heads, kv_heads, torch.arange(n, device=device), cache)
-        if differs(qkv[:, : heads * head_dim].reshape(n, heads, head_dim), q_ref):
-            return "rope_and_cache differs from apply_rotary"
-        query = randn(1, heads, head_dim)
-        keys = cache[0].view(-1, kv_heads, head_dim)[:n].transpose(0, 1).to(dtype)  # [KVH, n, d]
-        values = cache[1].view(-1, kv_heads, head_dim)[:n].transpose(0, 1).to(dtype)
-        expected = F.scaled_dot_product_attention(query[0][:, None, :], keys, values,
-                                                  enable_gqa=heads != kv_heads)[:, 0, :]
-        tables = torch.tensor([[0, 1, 2]], dtype=torch.int32, device=device)
-        lens = torch.tensor([n], dtype=torch.int32, device=device)
-        if differs(paged_decode_attention(query, cache, tables, lens)[0], expected):
-            return "paged_decode_attention differs from scaled_dot_product_attention"
-    except Exception as exc:  # a kernel that does not compile or launch on this device
-        return f"{type(exc).__name__}: {exc}"
-    return None

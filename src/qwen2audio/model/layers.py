@@ -24,18 +24,6 @@ class RMSNorm(nn.Module):
         hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * hidden.to(dtype)
 
-    def add_norm(
-        self, hidden: torch.Tensor, residual: torch.Tensor, fused: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + hidden), residual + hidden): the residual stream's add, then this norm.
-        ``fused``: one Triton kernel (model/kernels.py) for both."""
-        if fused:
-            from qwen2audio.model import kernels
-
-            return kernels.rms_norm(hidden, self.weight, self.eps, residual)
-        summed = residual + hidden
-        return self(summed), summed
-
 
 class RotaryEmbedding(nn.Module):
     """Default RoPE over the full head dimension with the half-split (rotate_half) layout."""

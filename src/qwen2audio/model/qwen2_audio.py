@@ -1,7 +1,8 @@
 """Qwen2-Audio: encode audio windows, project, merge into the prompt's embeddings, decode.
 
 Owns the composition and the merge count check; module names follow the checkpoint
-(``audio_tower``, ``multi_modal_projector``, ``language_model``).
+(``audio_tower``, ``multi_modal_projector``, ``language_model``). The decoder's op backend is
+given at construction and fixed for the network's life (model/backend.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from qwen2audio.config import ModelConfig
 from qwen2audio.model.attention import AttentionMetadata, KVCache
 from qwen2audio.model.audio_encoder import AudioEncoder, MultiModalProjector
+from qwen2audio.model.backend import Backend
 from qwen2audio.model.qwen2 import Qwen2ForCausalLM
 
 
@@ -22,12 +24,33 @@ class AudioTokenMismatchError(ValueError):
 
 
 class Qwen2AudioForConditionalGeneration(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: Backend | None = None) -> None:
         super().__init__()
         self.config = config
+        self.backend = backend or Backend()
         self.audio_tower = AudioEncoder(config.audio)
         self.multi_modal_projector = MultiModalProjector(config.audio.d_model, config.text.hidden_size)
-        self.language_model = Qwen2ForCausalLM(config.text)
+        self.language_model = Qwen2ForCausalLM(config.text, self.backend.ops)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the embedding table stands for all of them)."""
+        return self.language_model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the embedding table's)."""
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    def with_backend(self, backend: Backend) -> Qwen2AudioForConditionalGeneration:
+        """A network on these very weights (shared, not copied) that computes with ``backend``'s ops:
+        e.g. the eager ops beside the kernels, to check one against the other."""
+        if self.backend.onednn or backend.onednn:
+            raise ValueError("oneDNN linear layers keep their own weight layout: load the checkpoint again")
+        with torch.device("meta"):
+            twin = type(self)(self.config, backend)
+        twin.load_state_dict(self.state_dict(), assign=True)
+        return twin.eval().requires_grad_(False)
 
     def encode_audio(
         self, features: torch.Tensor, frame_mask: torch.Tensor, window_tokens: Sequence[int]
