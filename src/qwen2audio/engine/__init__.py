@@ -1,1 +1,1 @@
-"""Continuous batching over a paged KV cache: requests, scheduler, block manager, runner, sampler."""
+"""The engine: scheduler, block manager, runner, sampler; step() and its synchronous and async fronts."""

@@ -154,18 +154,3 @@ class BlockManager:
             raise MemoryError("out of KV blocks")
         self.ref_counts[block] = 1
         return block
-
-    def check_invariants(self, tables: Sequence[BlockTable]) -> None:
-        """Every block is exactly one of: referenced (count == owners), evictable, never used."""
-        owners = [0] * self.num_blocks
-        for table in tables:
-            for block in table.blocks:
-                owners[block] += 1
-        assert owners == self.ref_counts, "reference counts differ from the tables that hold blocks"
-        free = set(self._never_used)
-        evictable = set(self._evictable)
-        assert len(free) == len(self._never_used) and not (free & evictable), "a block is listed twice"
-        for block in range(self.num_blocks):
-            in_use = owners[block] > 0
-            assert in_use + (block in free) + (block in evictable) == 1, f"block {block} is in two states"
-        assert all(self._block_of[h] == b for b, h in self._hash_of.items()), "hash maps disagree"

@@ -33,14 +33,12 @@ class StaticDecoder:
         scratch_block: int,
         max_context: int,
         max_batch: int,
-        use_kernels: bool,
     ) -> None:
         self.network, self.caches = network, caches
         self.block_size, self.scratch_block = block_size, scratch_block
-        self.use_kernels = use_kernels
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.width = -(-max_context // block_size)  # block-table columns: enough for the longest context
-        device = network.language_model.model.embed_tokens.weight.device
+        device = network.device
         rows, columns = self.buckets[-1], _FIELDS + self.width
         # Two host buffers, used in turn: with pipelined steps the copy from one may still be queued
         # when the next step's rows are written (the one before it has been waited for).
@@ -57,7 +55,7 @@ class StaticDecoder:
         """The padded batch size for ``num_seqs`` decodes; None if it is past the largest bucket."""
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def run(
+    def execute(
         self, requests: Sequence[Request], ahead: int = 0, tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits [len(requests), vocab] (float32) of one decode step of these requests.
@@ -115,7 +113,6 @@ class StaticDecoder:
         rows = self.inputs[:size]  # [size, FIELDS + width]; every view below is a strided column
         meta = AttentionMetadata(
             [1] * size, [self.width * self.block_size] * size, rows[:, 2], rows[:, _FIELDS:], 0, rows[:, 3],
-            use_kernels=self.use_kernels,
         )
         hidden = self.network(rows[:, 0], rows[:, 1], meta, self.caches)  # [size, hidden]
         return self.network.logits(hidden)

@@ -1,6 +1,8 @@
-"""Sampling parameters, a request's state machine, and what the engine reports back.
+"""What the engine is given (Prompt, SamplingParams), a request's state, and what it reports back.
 
-Owns per-request state only (tokens, blocks, status, stop checks); it must not run the model.
+Owns per-request state only (tokens, blocks, status, stop checks, block hashes); it must not run
+the model or decide scheduling. Front ends build Prompts (through the Processor) and import them
+from here, so the engine never imports the front ends.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ import enum
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qwen2audio.engine.kv_cache import BlockTable
+from qwen2audio.config import GenerationConfig
+from qwen2audio.engine.block_manager import BlockTable, block_hashes, token_keys
 from qwen2audio.errors import InputError
-from qwen2audio.processor import Prompt
 from qwen2audio.text.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class SamplingError(InputError):
@@ -22,9 +27,46 @@ class SamplingError(InputError):
 
 
 @dataclass(frozen=True)
+class AudioSpan:
+    """One audio inside a prompt: its tokens, its feature windows, and a content digest.
+
+    ``offset`` indexes the row's unpadded ``token_ids``; ``first_window`` indexes the batch's
+    ``input_features``. The digest keys the encoder cache and the prefix cache, since every
+    placeholder token has the same id whatever the audio.
+    """
+
+    offset: int
+    length: int
+    first_window: int
+    num_windows: int
+    digest: str
+
+
+@dataclass
+class Prompt:
+    """One prepared row: token ids, and the decoded audio (16 kHz samples) its placeholders stand for."""
+
+    token_ids: list[int]
+    audios: list[np.ndarray]
+    offsets: list[int]
+    digests: list[str]
+    lengths: list[int]  # audio tokens of each clip
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def spans(self) -> list[tuple[int, int, str]]:
+        """(offset, length, digest) of each clip, as the prefix cache keys them."""
+        return list(zip(self.offsets, self.lengths, self.digests, strict=True))
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens; ``temperature`` 0 is greedy. Unset fields take the checkpoint's
-    generation_config.json values (see :meth:`with_defaults`)."""
+    """How to pick tokens; ``temperature`` 0 is greedy. Checked when built, so a bad value fails
+    where the caller made it. Unset fields take the checkpoint's generation_config.json values
+    (see :meth:`with_defaults`)."""
 
     max_new_tokens: int | None = None
     min_new_tokens: int = 0
@@ -38,25 +80,27 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
 
-    def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
-        """Fill unset fields from generation defaults, then validate."""
-        filled = {name: defaults.get(name) for name in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                                        "repetition_penalty") if getattr(self, name) is None}
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self._validate()
+
+    def with_defaults(self, generation: GenerationConfig) -> SamplingParams:
+        """Unset fields from the checkpoint's generation defaults, then the engine's own."""
+        filled = {name: value for name, value in generation.defaults().items() if getattr(self, name) is None}
         params = replace(self, **filled)
-        params = replace(
+        return replace(
             params,
             max_new_tokens=256 if params.max_new_tokens is None else params.max_new_tokens,
             temperature=0.0 if params.temperature is None else params.temperature,
             top_k=0 if params.top_k is None else params.top_k,
             top_p=1.0 if params.top_p is None else params.top_p,
             repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
-            stop=(params.stop,) if isinstance(params.stop, str) else tuple(params.stop),
-            stop_token_ids=tuple(params.stop_token_ids),
         )
-        params.validate()
-        return params
 
-    def validate(self) -> None:
+    def _validate(self) -> None:
         checks = [
             (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
@@ -108,7 +152,7 @@ class Request:
     num_computed: int = 0
     finish_reason: str | None = None
     error: str | None = None
-    hash_cache: tuple[int, list[bytes]] | None = None  # (num_tokens, block hashes), see Engine._hashes
+    _hashes: tuple[int, list[bytes]] | None = field(default=None, repr=False)  # (num_tokens, hashes)
 
     @staticmethod
     def new_id() -> str:
@@ -125,6 +169,13 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def block_hashes(self, block_size: int) -> list[bytes]:
+        """Chained hashes of the full blocks of this request's tokens (audio keyed by clip digest),
+        kept until it grows: a request waiting at the head of the queue is asked at every step."""
+        if self._hashes is None or self._hashes[0] != self.num_tokens:
+            self._hashes = (self.num_tokens, block_hashes(token_keys(self.all_ids, self.prompt.spans), block_size))
+        return self._hashes[1]
 
     def length_reached(self, pending: int = 0) -> bool:
         """Whether the reply is at its length limit (max_new_tokens or the context), counting
@@ -148,6 +199,14 @@ class Request:
             delta += self.detokenizer.finish()
         return delta
 
+    def report(self, delta: str = "", tokens: Sequence[int] = (), logprobs: Sequence[dict] = ()) -> RequestOutput:
+        """What this step produced for the request, with usage and, at the end, the finish reason."""
+        return RequestOutput(
+            self.request_id, delta, list(tokens), self.finish_reason is not None, self.finish_reason,
+            prompt_tokens=self.prompt.num_tokens, completion_tokens=len(self.output_ids),
+            logprobs=list(logprobs), error=self.error,
+        )
+
 
 @dataclass
 class RequestOutput:
@@ -163,4 +222,3 @@ class RequestOutput:
     completion_tokens: int = 0
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    hash_cache: tuple[int, list[bytes]] | None = None  # (num_tokens, block hashes), see Engine._hashes

@@ -1,0 +1,32 @@
+"""The engine's knobs: capacity, caches, and the speed switches of the GPU path.
+
+Plain data, read once when an engine (or, for the backend fields, a model) is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Capacity knobs; None picks from the device (see runner.default_kv_budget).
+
+    ``kernels`` and ``cpu_onednn`` choose the decoder's backend, which is bound to the network when
+    it is loaded (``Qwen2Audio.from_pretrained`` reads them); an engine only checks that its
+    network was built that way."""
+
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    max_batch_tokens: int = 16384
+    max_running: int = 256
+    enable_prefix_cache: bool = True
+    encoder_cache_bytes: int = 512 * 2**20
+    seed: int = 0
+    cpu_onednn: bool = True  # oneDNN linear layers on the CPU (False: plain torch.nn.Linear)
+    kernels: bool | None = None  # Triton kernels (None: on CUDA when triton is installed)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    static_decode: bool | None = None  # decode through fixed buffers (None: where CUDA graphs replay them)
+    max_graph_batch: int = 128  # decode steps of up to this many sequences replay a CUDA graph
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" (e4m3: half the KV bytes)
+    async_decode: bool | None = None  # launch decode step n+1 before reading step n (None: with CUDA graphs)
