@@ -1,17 +1,26 @@
 """qwen2audio: Qwen2-Audio inference from Python, the command line and HTTP."""
 
 from qwen2audio.api import Completion, Qwen2Audio, TextDelta
-from qwen2audio.audio import FeatureExtractor, load_audio
+from qwen2audio.audio.features import FeatureExtractor
+from qwen2audio.audio.io import DEFAULT_MAX_DURATION_S, load_audio
+from qwen2audio.config import SAMPLE_RATE
+from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingParams
 from qwen2audio.errors import AudioError, CheckpointError, InputError, PromptError
 from qwen2audio.processor import Processor
+from qwen2audio.text.prompt import AUDIO_PLACEHOLDER, AUDIO_TOKEN
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUDIO_PLACEHOLDER",
+    "AUDIO_TOKEN",
+    "DEFAULT_MAX_DURATION_S",
+    "SAMPLE_RATE",
     "AudioError",
     "CheckpointError",
     "Completion",
+    "EngineOptions",
     "FeatureExtractor",
     "InputError",
     "Processor",

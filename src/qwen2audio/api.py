@@ -15,12 +15,15 @@ from typing import Any
 
 import torch
 
-from qwen2audio.config import ModelConfig
-from qwen2audio.engine.engine import Engine, EngineOptions
+from qwen2audio.config import GenerationConfig, ModelConfig
+from qwen2audio.engine.core import Engine
+from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingError, SamplingParams
 from qwen2audio.errors import CheckpointError, InputError
 from qwen2audio.hub import resolve_checkpoint
-from qwen2audio.model.attention import AttentionMetadata
+from qwen2audio.model.attention import AttentionMetadata, kv_cache_dtype
+from qwen2audio.model.backend import choose_backend, prepare_network
+from qwen2audio.model.inputs import Chunk, flatten
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 from qwen2audio.model.weights import load_weights
 from qwen2audio.processor import Batch, Processor, as_batch
@@ -93,20 +96,26 @@ SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 class Qwen2Audio:
     """A loaded Qwen2-Audio checkpoint with its processor and (created on first use) its engine."""
 
-    def __init__(self, network: Qwen2AudioForConditionalGeneration, processor: Processor, directory: Any,
-                 engine_options: EngineOptions | None = None) -> None:
+    def __init__(self, network: Qwen2AudioForConditionalGeneration, processor: Processor,
+                 generation: GenerationConfig | None = None, engine_options: EngineOptions | None = None) -> None:
         self.network = network
         self.processor = processor
         self.config: ModelConfig = network.config
-        self.directory = directory
+        self.generation = generation or GenerationConfig(frozenset({processor.tokenizer.eos_id}))
         self.engine_options = engine_options or EngineOptions()
         self._engine: Engine | None = None
 
     @property
     def engine(self) -> Engine:
+        """The engine every generation runs on, built on first use (it allocates the KV cache)."""
         if self._engine is None:
-            self._engine = Engine(self.network, self.processor, self.directory, self.engine_options)
+            self._engine = self.new_engine(self.engine_options)
         return self._engine
+
+    def new_engine(self, options: EngineOptions | None = None) -> Engine:
+        """Another engine over the same weights (its own KV cache), e.g. with other capacity options."""
+        return Engine(self.network, self.processor.tokenizer, self.processor.feature_extractor, self.generation,
+                      options or self.engine_options)
 
     def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
              params: SamplingParams | None = None, **sampling: Any) -> Completion | Iterator[TextDelta]:
@@ -167,11 +176,11 @@ class Qwen2Audio:
 
     @property
     def device(self) -> torch.device:
-        return self.network.language_model.model.embed_tokens.weight.device
+        return self.network.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.network.language_model.model.embed_tokens.weight.dtype
+        return self.network.dtype
 
     @classmethod
     def from_pretrained(
@@ -186,25 +195,32 @@ class Qwen2Audio:
         """Load from a local directory or a Hugging Face hub id (downloaded with huggingface_hub).
 
         The network is built on the meta device, allocated once on ``device`` in ``dtype`` and
-        filled tensor by tensor, so host memory peaks near one copy of the weights.
+        filled tensor by tensor, so host memory peaks near one copy of the weights. Its op backend
+        (``engine_options.kernels``, ``cpu_onednn``) is chosen here, once, and bound to its layers.
         """
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
+        options = engine_options or EngineOptions()
         directory = resolve_checkpoint(name_or_path, allow_patterns=WEIGHT_PATTERNS)
         config = ModelConfig.from_dir(directory)
         started = time.perf_counter()
+        backend = choose_backend(config.text, target, torch_dtype, options.kernels, options.cpu_onednn,
+                                 kv_cache_dtype(options.kv_cache_dtype, torch_dtype))
         with torch.device("meta"):
-            network = Qwen2AudioForConditionalGeneration(config)
+            network = Qwen2AudioForConditionalGeneration(config, backend)
         network = network.to(dtype=torch_dtype).to_empty(device=target)
         network.eval().requires_grad_(False)
         load_weights(network, directory, progress=progress)
-        logger.info("loaded %s in %.1f s (%s, %s)", directory, time.perf_counter() - started, target, torch_dtype)
+        prepare_network(network)
+        logger.info("loaded %s in %.1f s (%s, %s, %s)", directory, time.perf_counter() - started, target, torch_dtype,
+                    backend.name)
         processor = Processor.from_pretrained(directory, **processor_options)
         if processor.audio_id != config.audio_token_id:
             raise CheckpointError(
                 f"{directory}: tokenizer's <|AUDIO|> id {processor.audio_id} != config's {config.audio_token_id}"
             )
-        return cls(network, processor, directory, engine_options)
+        generation = GenerationConfig.from_dir(directory, processor.tokenizer.eos_id)
+        return cls(network, processor, generation, options)
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -213,29 +229,27 @@ class Qwen2Audio:
         Positions count from each row's first real token, as the reference's generate does.
         """
         device = self.device
-        lengths = [len(ids) for ids in batch.token_ids]
-        input_ids = torch.tensor([t for ids in batch.token_ids for t in ids], dtype=torch.long, device=device)
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        audio, audio_index = None, None
-        if batch.window_tokens:
-            audio = self.network.encode_audio(
-                batch.input_features.to(device), batch.feature_attention_mask.to(device), batch.window_tokens
-            )
-            starts = [sum(lengths[:row]) for row in range(len(lengths))]
-            audio_index = torch.tensor(
-                [starts[row] + span.offset + k for row, spans in enumerate(batch.audio_spans)
-                 for span in spans for k in range(span.length)], device=device,
-            )
-        meta = AttentionMetadata.prefill(lengths)
-        hidden = self.network(input_ids, positions, meta, None, audio, audio_index)
+        clips = self._clip_embeddings(batch)
+        chunks = [Chunk(ids, 0, [(span.offset, next(clips)) for span in spans])
+                  for ids, spans in zip(batch.token_ids, batch.audio_spans, strict=True)]
+        inputs = flatten(chunks, device)
+        meta = AttentionMetadata.prefill(inputs.query_lens)
+        hidden = self.network(inputs.input_ids, inputs.positions, meta, None, inputs.audio_embeds, inputs.audio_index)
         flat = self.network.logits(hidden)  # [N, vocab]
         width = batch.input_ids.shape[1]
-        out = torch.zeros(len(lengths), width, flat.shape[-1], dtype=flat.dtype, device=device)
-        start = 0
-        for row, n in enumerate(lengths):
-            out[row, width - n:] = flat[start:start + n]
-            start += n
+        out = torch.zeros(len(chunks), width, flat.shape[-1], dtype=flat.dtype, device=device)
+        for row, (rows, n) in enumerate(zip(flat.split(inputs.query_lens), inputs.query_lens, strict=True)):
+            out[row, width - n:] = rows
         return out
+
+    def _clip_embeddings(self, batch: Batch) -> Iterator[torch.Tensor]:
+        """Each clip's projected audio embeddings [tokens, hidden], in the batch's clip order."""
+        if not batch.window_tokens:
+            return iter(())
+        device = self.device
+        rows = self.network.encode_audio(batch.input_features.to(device), batch.feature_attention_mask.to(device),
+                                         batch.window_tokens)
+        return iter(rows.split([span.length for spans in batch.audio_spans for span in spans]))
 
 
 def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:

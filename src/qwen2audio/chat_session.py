@@ -11,11 +11,11 @@ import pathlib
 from collections.abc import Sequence
 from typing import IO, Any
 
+from qwen2audio.api import Qwen2Audio
 from qwen2audio.audio.io import load_audio
 from qwen2audio.errors import InputError
 
 HELP = "commands: /audio PATH, /system TEXT, /reset, /save FILE, /exit (an empty line sends attached audio alone)"
-
 
 
 def system_messages(system: str | None) -> list[dict[str, Any]]:
@@ -30,8 +30,9 @@ def user_message(audios: Sequence[str], text: str | None) -> dict[str, Any]:
         content.append({"type": "text", "text": text})
     return {"role": "user", "content": content}
 
+
 class ChatSession:
-    def __init__(self, model: Any, sampling: dict[str, Any], system: str | None = None) -> None:
+    def __init__(self, model: Qwen2Audio, sampling: dict[str, Any], system: str | None = None) -> None:
         self.model = model
         self.sampling = sampling
         self.system = system

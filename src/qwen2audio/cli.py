@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from qwen2audio.audio.io import DEFAULT_MAX_DURATION_S
+from qwen2audio import DEFAULT_MAX_DURATION_S
 from qwen2audio.errors import CheckpointError, InputError
 
 EXIT_USAGE = 2
@@ -50,8 +50,7 @@ example:
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    from qwen2audio.api import Qwen2Audio
-    from qwen2audio.engine.engine import EngineOptions
+    from qwen2audio import EngineOptions, Qwen2Audio
 
     options = EngineOptions(enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     return Qwen2Audio.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet,
@@ -70,7 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise InputError("give --audio, --prompt, or both")
     model = _load_model(args)
     if args.raw:
-        from qwen2audio.text.prompt import AUDIO_PLACEHOLDER, AUDIO_TOKEN
+        from qwen2audio import AUDIO_PLACEHOLDER, AUDIO_TOKEN
 
         prompt = args.prompt or ""
         if args.audio and AUDIO_TOKEN not in prompt:
@@ -179,14 +178,13 @@ def _table_text(output: str) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Decode each file and report what the model would see: duration, windows, audio tokens."""
-    from qwen2audio.audio.features import FeatureExtractor, split_windows
-    from qwen2audio.audio.io import load_audio
+    from qwen2audio import FeatureExtractor, load_audio
 
     extractor = FeatureExtractor()
     config = extractor.config
     for path in args.files:
         samples = load_audio(path, max_duration_s=args.max_duration)
-        windows = split_windows(samples, config)
+        windows = extractor.windows(samples)
         tokens = extractor.token_count(samples)
         report = {
             "file": path,

@@ -18,11 +18,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from qwen2audio.api import Qwen2Audio
 from qwen2audio.errors import InputError
-from qwen2audio.text.prompt import AUDIO_PLACEHOLDER
-
-LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
-                  "ja": "Japanese", "es": "Spanish", "it": "Italian"}
+from qwen2audio.text.tasks import classification_prompt, recognition_prompt, translation_prompt
 
 
 @dataclass(frozen=True)
@@ -51,18 +49,16 @@ TASKS: dict[str, Task] = {
                        prompt="Classify the human vocal sound to VocalSound in English:"),
     "airbench-chat": Task("chat", "none", None),
 }
-AUDIO = AUDIO_PLACEHOLDER
 
 
 def task_prompt(task: Task, item: dict[str, Any]) -> str | list[dict[str, Any]]:
     """The base-model prompt of the report's protocol (chat tasks use the Instruct template)."""
     if task.kind == "asr":
-        return f"{AUDIO}Detect the language and recognize the speech: <|{item.get('language') or task.language}|>"
+        return recognition_prompt(item.get("language") or task.language)
     if task.kind == "st":
-        target = LANGUAGE_NAMES.get(item.get("target") or task.target, task.target)
-        return f"{AUDIO}Translate the speech into {target}:"
+        return translation_prompt(item.get("target") or task.target)
     if task.kind == "cls":
-        return AUDIO + task.prompt
+        return classification_prompt(task.prompt)
     return [{"role": "user", "content": [{"type": "audio", "audio": item["audio"]},
                                          {"type": "text", "text": item.get("question", "")}]}]
 
@@ -220,7 +216,7 @@ def _table(files: Sequence[pathlib.Path]) -> Iterator[dict[str, Any]]:
 # ----- running ---------------------------------------------------------------------------------
 
 
-def evaluate(model: Any, task_name: str, data: str | pathlib.Path, output: str | pathlib.Path,
+def evaluate(model: Qwen2Audio, task_name: str, data: str | pathlib.Path, output: str | pathlib.Path,
              limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 256,
              progress: bool = True) -> dict[str, Any]:
     """Run a task; results append to OUTPUT.jsonl per item, so a rerun skips finished items."""
@@ -273,7 +269,7 @@ def _finished(log: pathlib.Path) -> dict[str, dict[str, Any]]:
     return done
 
 
-def _generate(model: Any, task: Task, batch: Sequence[dict[str, Any]], max_new_tokens: int) -> list[str]:
+def _generate(model: Qwen2Audio, task: Task, batch: Sequence[dict[str, Any]], max_new_tokens: int) -> list[str]:
     prompts = [task_prompt(task, item) for item in batch]
     audios = [] if task.kind == "chat" else [item["audio"] for item in batch]
     completions = model.generate(prompts, audios=audios, max_new_tokens=max_new_tokens, temperature=0.0,

@@ -20,6 +20,7 @@ import torch
 from qwen2audio.audio.features import FeatureConfig, FeatureExtractor
 from qwen2audio.audio.io import DEFAULT_MAX_DURATION_S, UrlPolicy, load_audio
 from qwen2audio.config import ModelConfig
+from qwen2audio.engine.request import AudioSpan, Prompt
 from qwen2audio.errors import InputError, PromptError
 from qwen2audio.hub import PROCESSOR_FILES, resolve_checkpoint
 from qwen2audio.text.prompt import (
@@ -37,37 +38,6 @@ Conversation = list[dict[str, Any]]
 PromptInput = Conversation | str
 
 
-@dataclass(frozen=True)
-class AudioSpan:
-    """One audio inside a prompt: its tokens, its feature windows, and a content digest.
-
-    ``offset`` indexes the row's unpadded ``token_ids``; ``first_window`` indexes the batch's
-    ``input_features``. The digest keys the encoder cache and the prefix cache, since every
-    placeholder token has the same id whatever the audio.
-    """
-
-    offset: int
-    length: int
-    first_window: int
-    num_windows: int
-    digest: str
-
-
-@dataclass
-class Prompt:
-    """One prepared row before batching: token ids and the decoded audio it needs."""
-
-    token_ids: list[int]
-    audios: list[np.ndarray]
-    offsets: list[int]
-    digests: list[str]
-    lengths: list[int]  # audio tokens of each clip
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
 @dataclass
 class Batch:
     """Model inputs in the reference's names, plus the per-row audio layout.
@@ -83,18 +53,6 @@ class Batch:
     token_ids: list[list[int]]
     audio_spans: list[list[AudioSpan]]
     window_tokens: list[int] = field(default_factory=list)
-
-    def to(self, device: str | torch.device) -> Batch:
-        """The same batch with its tensors on ``device``."""
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.input_features.to(device),
-            self.feature_attention_mask.to(device),
-            self.token_ids,
-            self.audio_spans,
-            self.window_tokens,
-        )
 
 
 class Processor:

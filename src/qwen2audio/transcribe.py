@@ -1,31 +1,35 @@
 """Transcription and translation of whole files: 30 s windows, batched, with clean text.
 
-Owns the task prompts, cutting long audio into windows (each window one request, so each gets a
-timestamp), stripping the chatter chat models add around a transcript, and txt/json/srt/vtt
-output. Used by `qwen2audio transcribe` and by the server's /v1/audio endpoints.
+Owns cutting long audio into windows (each window one request, so each gets a timestamp), the
+instruction chat checkpoints get, stripping the chatter chat models add around a transcript, and
+txt/json/srt/vtt output. One driver (:meth:`Transcriber.run`) serves `qwen2audio transcribe` and
+the server's /v1/audio endpoints; the base model's task prompts live in text/tasks.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from qwen2audio.api import Qwen2Audio
 from qwen2audio.audio.features import split_windows
 from qwen2audio.audio.io import load_audio
+from qwen2audio.engine.async_engine import AsyncEngine
+from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
 from qwen2audio.errors import InputError
-from qwen2audio.text.prompt import AUDIO_PLACEHOLDER
+from qwen2audio.text.tasks import language_name, recognition_prompt, translation_prompt
 
 WINDOW_TOKENS = 448  # most tokens a 30 s window's transcript may take (Whisper's limit)
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mp4", ".mka", ".wma"}
-LANGUAGES = {"en": "English", "zh": "Chinese", "yue": "Cantonese", "fr": "French", "de": "German",
-             "es": "Spanish", "it": "Italian", "ja": "Japanese", "ko": "Korean", "ru": "Russian",
-             "pt": "Portuguese", "ar": "Arabic", "nl": "Dutch"}
+Generate = Callable[[Prompt, SamplingParams], AsyncIterator[RequestOutput]]
 # What chat models wrap a transcript in ("The original content of this audio is: '...'").
 _CHATTER = re.compile(
     r"^\s*(?:the\s+)?(?:original\s+content|transcription|transcript|speech|text)(?:\s+of\s+(?:this|the)\s+"
@@ -110,9 +114,9 @@ def _subtitles(segments: Sequence[Segment], fmt: str) -> str:
 
 
 class Transcriber:
-    """Runs every window of every file through the engine at once (continuous batching)."""
+    """Plans one request per 30 s window and runs them all at once through the engine (continuous batching)."""
 
-    def __init__(self, model: Any, language: str | None = None, task: str = "transcribe",
+    def __init__(self, model: Qwen2Audio, language: str | None = None, task: str = "transcribe",
                  max_new_tokens: int = WINDOW_TOKENS, chat: bool | None = None) -> None:
         if task not in ("transcribe", "translate"):
             raise InputError(f"task must be transcribe or translate, not {task!r}")
@@ -121,17 +125,15 @@ class Transcriber:
         self.model = model
         self.language = language
         self.task = task
-        self.max_new_tokens = max_new_tokens
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
         # Base checkpoints ship no chat template and expect the paper's task prompts.
         self.chat = model.processor.chat_template.has_checkpoint_template if chat is None else chat
 
     def prompt(self) -> str | list[dict[str, Any]]:
+        """The raw task prompt (base checkpoints) or a one-turn conversation with its audio part empty."""
         if not self.chat:
-            if self.task == "translate":
-                return f"{AUDIO_PLACEHOLDER}Translate the speech into English:"
-            tag = f"<|{self.language}|>" if self.language else ""
-            return f"{AUDIO_PLACEHOLDER}Detect the language and recognize the speech: {tag}"
-        spoken = f" The speech is in {LANGUAGES.get(self.language, self.language)}." if self.language else ""
+            return translation_prompt("en") if self.task == "translate" else recognition_prompt(self.language)
+        spoken = f" The speech is in {language_name(self.language)}." if self.language else ""
         if self.task == "translate":
             instruction = f"Translate the speech into English.{spoken} Reply with the translation only."
         else:
@@ -139,49 +141,55 @@ class Transcriber:
                            "without quotes or any other words.")
         return [{"role": "user", "content": [{"type": "audio", "audio": None}, {"type": "text", "text": instruction}]}]
 
-    def plan(self, samples: Any, name: str) -> tuple[Transcript, list[tuple[Segment, Any]]]:
-        """One prepared prompt per 30 s window of ``samples``, each with the segment it fills."""
+    def plan(self, samples: np.ndarray, name: str) -> tuple[Transcript, list[Prompt]]:
+        """A transcript with one empty segment per 30 s window of ``samples``, and each window's prompt."""
         processor = self.model.processor
-        window_seconds = processor.feature_extractor.config.chunk_length
-        rate = processor.feature_extractor.config.sampling_rate
+        config = processor.feature_extractor.config
         transcript = Transcript(name, language=self.language, task=self.task)
-        jobs = []
-        for k, window in enumerate(split_windows(samples, processor.feature_extractor.config)):
-            segment = Segment(k * window_seconds, min((k + 1) * window_seconds, len(samples) / rate), "")
-            transcript.segments.append(segment)
-            jobs.append((segment, processor.prepare(self._item(window), iter([window]))))
-        return transcript, jobs
+        prompts = []
+        for k, window in enumerate(split_windows(samples, config)):
+            end = min((k + 1) * config.chunk_length, len(samples) / config.sampling_rate)
+            transcript.segments.append(Segment(k * config.chunk_length, end, ""))
+            prompts.append(processor.prepare(self._item(window), iter([window])))
+        return transcript, prompts
+
+    async def run(self, transcript: Transcript, prompts: Sequence[Prompt], generate: Generate) -> Transcript:
+        """The driver: every window's request at once through ``generate`` (an AsyncEngine's, or a
+        server's that also counts metrics), each segment filled with its cleaned text."""
+        texts = await asyncio.gather(*(self._text(generate, prompt, transcript.path) for prompt in prompts))
+        for segment, text in zip(transcript.segments, texts, strict=True):
+            segment.text = clean_transcript(text)
+        return transcript
+
+    async def _text(self, generate: Generate, prompt: Prompt, name: str) -> str:
+        parts = []
+        async for output in generate(prompt, self.params):
+            if output.error:
+                raise RuntimeError(f"{name}: {output.error}")
+            parts.append(output.delta)
+        return "".join(parts)
 
     def transcribe(self, files: Sequence[pathlib.Path | str], progress: bool = True) -> list[Transcript]:
-        engine = self.model.engine
-        params = self.params()
-        transcripts, owners = [], {}
-        for path in files:
-            transcript, jobs = self.plan(load_audio(path), str(path))
-            transcripts.append(transcript)
-            for segment, prepared in jobs:
-                owners[engine.add_request(prepared, params)] = (transcript, segment, [])
-        remaining = {id(t): len(t.segments) for t in transcripts}  # by object: a file may be given twice
-        with tqdm(total=len(transcripts), unit="file", desc="transcribing", disable=not progress) as bar:
-            for output in engine.run(set(owners)):
-                transcript, segment, parts = owners[output.request_id]
-                parts.append(output.delta)
-                if output.finished:
-                    if output.error:
-                        raise RuntimeError(f"{transcript.path}: {output.error}")
-                    segment.text = clean_transcript("".join(parts))
-                    remaining[id(transcript)] -= 1
-                    if remaining[id(transcript)] == 0:
-                        bar.update(1)
-        return transcripts
+        """Every window of every file at once; files are decoded first, so a bad one fails before any work."""
+        planned = [self.plan(load_audio(path), str(path)) for path in files]
+        engine = AsyncEngine(self.model.engine)
+        try:
+            return asyncio.run(self._run_all(planned, engine.generate, progress))
+        finally:
+            engine.shutdown()
 
-    def _item(self, window: Any) -> str | list[dict[str, Any]]:
+    async def _run_all(self, planned: Sequence[tuple[Transcript, list[Prompt]]], generate: Generate,
+                       progress: bool) -> list[Transcript]:
+        with tqdm(total=len(planned), unit="file", desc="transcribing", disable=not progress) as bar:
+            async def one(transcript: Transcript, prompts: list[Prompt]) -> Transcript:
+                await self.run(transcript, prompts, generate)
+                bar.update(1)
+                return transcript
+
+            return list(await asyncio.gather(*(one(t, p) for t, p in planned)))
+
+    def _item(self, window: np.ndarray) -> str | list[dict[str, Any]]:
         item = self.prompt()
         if isinstance(item, list):
             item[0]["content"][0]["audio"] = window
         return item
-
-    def params(self) -> Any:
-        from qwen2audio.engine.request import SamplingParams
-
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, repetition_penalty=1.0)

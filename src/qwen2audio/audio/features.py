@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.errors import AudioError
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class FeatureConfig:
     """The feature extractor's settings, as ``preprocessor_config.json`` stores them."""
 
     feature_size: int = 128
-    sampling_rate: int = 16000
+    sampling_rate: int = SAMPLE_RATE
     hop_length: int = 160
     n_fft: int = 400
     chunk_length: int = 30
@@ -118,9 +119,13 @@ class FeatureExtractor:
         self._window = torch.hann_window(config.n_fft)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def windows(self, samples: np.ndarray) -> list[np.ndarray]:
+        """The clip cut into the windows the encoder sees (see :func:`split_windows`)."""
+        return split_windows(samples, self.config)
+
     def token_count(self, samples: np.ndarray) -> int:
         """Audio tokens a clip yields over all its windows, with this extractor's settings."""
-        return sum(audio_token_count(frame_count(len(w), self.config)) for w in split_windows(samples, self.config))
+        return sum(audio_token_count(frame_count(len(w), self.config)) for w in self.windows(samples))
 
     def __call__(self, audios: Sequence[np.ndarray], device: str | torch.device | None = None) -> AudioFeatures:
         """Split each clip into windows and featurize them all in one batch."""

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, Union
 
 import numpy as np
 
+from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.errors import AudioError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np
 
 DEFAULT_MAX_DURATION_S = 20 * 60.0
 # Clips of 320 samples (20 ms) or fewer at 16 kHz yield no audio token (SPEC.md section 4).
-MIN_SAMPLES_16K = 321
+MIN_SAMPLES = 321 * SAMPLE_RATE // 16_000
 
 _URLSAFE_B64 = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
@@ -48,7 +49,7 @@ class UrlPolicy:
 
 def load_audio(
     source: AudioSource,
-    sampling_rate: int = 16000,
+    sampling_rate: int = SAMPLE_RATE,
     *,
     max_duration_s: float = DEFAULT_MAX_DURATION_S,
     url_policy: UrlPolicy | None = None,
@@ -299,7 +300,7 @@ def _finish(samples: np.ndarray, rate: int, target_rate: int, max_duration_s: fl
         import soxr
 
         samples = soxr.resample(samples, rate, target_rate, quality="HQ")
-    min_samples = int(np.ceil(MIN_SAMPLES_16K * target_rate / 16000))
+    min_samples = int(np.ceil(MIN_SAMPLES * target_rate / SAMPLE_RATE))
     if samples.shape[0] < min_samples:
         raise AudioError(
             f"{name}: {1000 * samples.shape[0] / target_rate:.1f} ms of audio is too short to yield an "

@@ -13,24 +13,27 @@ import logging
 import pathlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import ValidationError
 
 from qwen2audio.api import Qwen2Audio
-from qwen2audio.engine.engine import AsyncEngine
-from qwen2audio.engine.request import RequestOutput, SamplingParams
+from qwen2audio.audio.io import load_audio
+from qwen2audio.config import SAMPLE_RATE
+from qwen2audio.engine.async_engine import AsyncEngine
+from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
+from qwen2audio.engine.scheduler import EngineStats
 from qwen2audio.errors import InputError
 from qwen2audio.server.media import MediaPolicy, resolve_messages
 from qwen2audio.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
-from qwen2audio.transcribe import Transcriber, clean_transcript
+from qwen2audio.transcribe import Transcriber
 
 logger = logging.getLogger(__name__)
 STATIC = pathlib.Path(__file__).parent / "static"  # the voice-chat page: plain HTML/CSS/JS, no build step
@@ -53,7 +56,10 @@ class APIError(Exception):
 
 
 class Metrics:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Prometheus series of one server; the queue and KV gauges read the engine thread's latest
+    published snapshot (never the scheduler's live state from another thread)."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("qwen2audio_requests", "finished HTTP requests", ["endpoint", "status"], registry=r)
@@ -63,24 +69,21 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.latency = Histogram("qwen2audio_request_latency_seconds", "request latency", registry=r,
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        scheduler = engine.engine.scheduler
-        blocks = engine.engine.blocks
-        Gauge("qwen2audio_requests_waiting", "requests waiting", registry=r).set_function(
-            lambda: len(scheduler.waiting))
-        Gauge("qwen2audio_requests_running", "requests running", registry=r).set_function(
-            lambda: len(scheduler.running))
+        Gauge("qwen2audio_requests_waiting", "requests waiting", registry=r).set_function(lambda: stats().waiting)
+        Gauge("qwen2audio_requests_running", "requests running", registry=r).set_function(lambda: stats().running)
         Gauge("qwen2audio_kv_cache_usage", "fraction of KV blocks in use", registry=r).set_function(
-            lambda: 1.0 - blocks.num_free / blocks.num_blocks)
+            lambda: stats().kv_usage)
 
 
 class Server:
-    """State shared by the routes: the engine, options, metrics and the admission counter."""
+    """State shared by the routes (``app.state.server``): the engine, options, metrics and the
+    admission counter."""
 
     def __init__(self, model: Qwen2Audio, options: ServerOptions) -> None:
         self.model = model
         self.options = options
         self.engine = AsyncEngine(model.engine)
-        self.metrics = Metrics(self.engine)
+        self.metrics = Metrics(lambda: self.engine.stats)
         self.pending = 0
 
     def check_capacity(self, count: int) -> None:
@@ -102,7 +105,8 @@ class Server:
         with self.holding(count):
             yield
 
-    async def stream(self, prompt: Any, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """An engine request's outputs, counted in the metrics; a failed generation is a 500."""
         started = time.perf_counter()
         first = True
         try:
@@ -121,128 +125,145 @@ class Server:
 
 
 def create_app(model: Qwen2Audio, options: ServerOptions | None = None) -> FastAPI:
+    """The app; its Server (and the engine thread) starts with the app's lifespan and stops with it."""
     options = options or ServerOptions()
-    server_box: dict[str, Server] = {}
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        server_box["server"] = Server(model, options)
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.server = Server(model, options)
         yield
-        server_box["server"].engine.shutdown()
+        app.state.server.engine.shutdown()
 
     app = FastAPI(title="qwen2audio", lifespan=lifespan)
+    app.state.options = options
     app.add_middleware(_BodyLimit, max_bytes=options.max_body_bytes)
-
-    def server() -> Server:
-        return server_box["server"]
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
-
-    @app.exception_handler(InputError)
-    async def _input_error(_: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc)), status_code=400)
-
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        if options.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {options.api_key}":
-                return JSONResponse(error_body("invalid or missing API key", "authentication_error",
-                                               code="invalid_api_key"), status_code=401)
-        response = await call_next(request)
-        if "server" in server_box:
-            server().metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
-
+    app.middleware("http")(_auth_and_count)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(InputError, _input_error)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> Response:
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/health")
-    async def health() -> Response:
-        alive = "server" in server_box and server().engine.alive
-        return JSONResponse({"status": "ok" if alive else "dead"}, status_code=200 if alive else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return PlainTextResponse(generate_latest(server().metrics.registry).decode(),
-                                 media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": options.served_model_name, "object": "model",
-                                            "created": int(time.time()), "owned_by": "qwen2audio"}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        body = _validate(ChatCompletionRequest, await _json(request))
-        _check_model(body.model, options)
-        messages = [m.model_dump() for m in body.messages]
-        for message in messages:
-            if message["role"] == "developer":
-                message["role"] = "system"
-        resolved = await asyncio.to_thread(resolve_messages, messages, options.media)
-        prompt = await asyncio.to_thread(model.processor.prepare, resolved)
-        limit = body.max_completion_tokens or body.max_tokens
-        top = body.top_logprobs if body.logprobs else None
-        logprobs = (top or 0) if body.logprobs else None
-        return await _respond(server(), request, prompt, body, limit, logprobs, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        body = _validate(CompletionRequest, await _json(request))
-        _check_model(body.model, options)
-        sources = [{"type": "audio_url", "audio_url": {"url": a}} for a in body.audio]
-        resolved = await asyncio.to_thread(_resolve_sources, sources, options.media)
-        prompt = (await asyncio.to_thread(model.processor.prepare_many, [body.prompt], resolved))[0]
-        return await _respond(server(), request, prompt, body, body.max_tokens, body.logprobs, chat=False)
-
-    async def transcription(request: Request, task: str) -> Response:
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise APIError(400, "the multipart field 'file' (the audio) is required", param="file")
-        data = await upload.read()
-        fmt = str(form.get("response_format") or "json")
-        if fmt not in ("json", "text", "srt", "vtt", "verbose_json"):
-            raise APIError(400, f"response_format {fmt!r} is not one of json, text, srt, vtt, verbose_json",
-                           param="response_format")
-        language = form.get("language") or None
-        transcriber = Transcriber(model, language=language if task == "transcribe" else None, task=task)
-        from qwen2audio.audio.io import load_audio
-
-        samples = await asyncio.to_thread(load_audio, data)
-        transcript, jobs = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
-        srv = server()
-        params = transcriber.params()
-        with srv.admitted(len(jobs)):
-            texts = await asyncio.gather(*(_collect(srv, prompt, params) for _, prompt in jobs))
-        for (segment, _), (text, _, _) in zip(jobs, texts, strict=True):
-            segment.text = clean_transcript(text)
-        duration = len(samples) / 16000
-        if fmt == "json":
-            return JSONResponse({"text": transcript.text})
-        if fmt == "text":
-            return PlainTextResponse(transcript.text)
-        if fmt in ("srt", "vtt"):
-            return PlainTextResponse(transcript.render(fmt))
-        return JSONResponse({"task": task, "language": language or "unknown", "duration": duration,
-                             "text": transcript.text,
-                             "segments": [{"id": i, "start": s.start, "end": s.end, "text": s.text}
-                                          for i, s in enumerate(transcript.segments)]})
-
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request) -> Response:
-        return await transcription(request, "transcribe")
-
-    @app.post("/v1/audio/translations")
-    async def translations(request: Request) -> Response:
-        return await transcription(request, "translate")
-
+    app.include_router(router)
     return app
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
+
+
+async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+    return JSONResponse(error_body(str(exc)), status_code=400)
+
+
+async def _auth_and_count(request: Request, call_next: Callable) -> Response:
+    options: ServerOptions = request.app.state.options
+    if options.api_key and request.url.path.startswith("/v1/"):
+        if request.headers.get("authorization") != f"Bearer {options.api_key}":
+            return JSONResponse(error_body("invalid or missing API key", "authentication_error",
+                                           code="invalid_api_key"), status_code=401)
+    response = await call_next(request)
+    server = getattr(request.app.state, "server", None)
+    if server is not None:
+        server.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+    return response
+
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> Response:
+    return FileResponse(STATIC / "index.html")
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    server = getattr(request.app.state, "server", None)
+    alive = server is not None and server.engine.alive
+    return JSONResponse({"status": "ok" if alive else "dead"}, status_code=200 if alive else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return PlainTextResponse(generate_latest(_server(request).metrics.registry).decode(),
+                             media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    name = _server(request).options.served_model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "qwen2audio"}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    server = _server(request)
+    body = _validate(ChatCompletionRequest, await _json(request))
+    _check_model(body.model, server.options)
+    messages = [m.model_dump() for m in body.messages]
+    for message in messages:
+        if message["role"] == "developer":
+            message["role"] = "system"
+    resolved = await asyncio.to_thread(resolve_messages, messages, server.options.media)
+    prompt = await asyncio.to_thread(server.model.processor.prepare, resolved)
+    limit = body.max_completion_tokens or body.max_tokens
+    top = body.top_logprobs if body.logprobs else None
+    logprobs = (top or 0) if body.logprobs else None
+    return await _respond(server, request, prompt, body, limit, logprobs, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    server = _server(request)
+    body = _validate(CompletionRequest, await _json(request))
+    _check_model(body.model, server.options)
+    sources = [{"type": "audio_url", "audio_url": {"url": a}} for a in body.audio]
+    resolved = await asyncio.to_thread(_resolve_sources, sources, server.options.media)
+    prompt = (await asyncio.to_thread(server.model.processor.prepare_many, [body.prompt], resolved))[0]
+    return await _respond(server, request, prompt, body, body.max_tokens, body.logprobs, chat=False)
+
+
+@router.post("/v1/audio/transcriptions")
+async def transcriptions(request: Request) -> Response:
+    return await _transcription(request, "transcribe")
+
+
+@router.post("/v1/audio/translations")
+async def translations(request: Request) -> Response:
+    return await _transcription(request, "translate")
+
+
+async def _transcription(request: Request, task: str) -> Response:
+    """Whisper's routes, through the same driver as `qwen2audio transcribe` (Transcriber.run)."""
+    server = _server(request)
+    form = await request.form()
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise APIError(400, "the multipart field 'file' (the audio) is required", param="file")
+    data = await upload.read()
+    fmt = str(form.get("response_format") or "json")
+    if fmt not in ("json", "text", "srt", "vtt", "verbose_json"):
+        raise APIError(400, f"response_format {fmt!r} is not one of json, text, srt, vtt, verbose_json",
+                       param="response_format")
+    language = form.get("language") or None
+    transcriber = Transcriber(server.model, language=language if task == "transcribe" else None, task=task)
+    samples = await asyncio.to_thread(load_audio, data)
+    transcript, prompts = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
+    with server.admitted(len(prompts)):
+        await transcriber.run(transcript, prompts, server.stream)
+    if fmt == "json":
+        return JSONResponse({"text": transcript.text})
+    if fmt == "text":
+        return PlainTextResponse(transcript.text)
+    if fmt in ("srt", "vtt"):
+        return PlainTextResponse(transcript.render(fmt))
+    return JSONResponse({"task": task, "language": language or "unknown", "duration": len(samples) / SAMPLE_RATE,
+                         "text": transcript.text,
+                         "segments": [{"id": i, "start": s.start, "end": s.end, "text": s.text}
+                                      for i, s in enumerate(transcript.segments)]})
 
 
 def _resolve_sources(parts: list[dict[str, Any]], policy: MediaPolicy) -> list[Any]:
@@ -283,7 +304,7 @@ def _params(body: Any, max_tokens: int | None, logprobs: int | None, choice: int
                           seed=seed, stop=stop, logprobs=logprobs)
 
 
-async def _collect(srv: Server, prompt: Any, params: SamplingParams) -> tuple[str, RequestOutput, list]:
+async def _collect(srv: Server, prompt: Prompt, params: SamplingParams) -> tuple[str, RequestOutput, list]:
     parts, logprobs, last = [], [], None
     async for output in srv.stream(prompt, params):
         parts.append(output.delta)
@@ -292,14 +313,9 @@ async def _collect(srv: Server, prompt: Any, params: SamplingParams) -> tuple[st
     return "".join(parts), last, logprobs
 
 
-async def _respond(srv: Server, request: Request, prompt: Any, body: Any, max_tokens: int | None,
+async def _respond(srv: Server, request: Request, prompt: Prompt, body: Any, max_tokens: int | None,
                    logprobs: int | None, chat: bool) -> Response:
-    params = [_params(body, max_tokens, logprobs, k) for k in range(body.n)]
-    for p in params:
-        try:
-            p.with_defaults(srv.model.engine.defaults)
-        except InputError as exc:
-            raise APIError(400, str(exc)) from None
+    params = [_params(body, max_tokens, logprobs, k) for k in range(body.n)]  # a bad value is a 400 here
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if body.stream:
         # Refused here (a 429 needs the status line); counted by the stream itself while it runs,
@@ -339,7 +355,7 @@ async def _unless_disconnected(request: Request, work: asyncio.Future) -> Any:
             raise APIError(499, "client disconnected")
 
 
-async def _sse(srv: Server, prompt: Any, params: list[SamplingParams], ident: str, chat: bool,
+async def _sse(srv: Server, prompt: Prompt, params: list[SamplingParams], ident: str, chat: bool,
                include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's server-sent events; leaving early (disconnect) closes the streams, aborting them."""
     created, name = int(time.time()), srv.options.served_model_name
