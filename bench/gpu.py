@@ -40,10 +40,12 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # runs from a plain checkout, no install
 
-from qwen2audio.config import ModelConfig  # noqa: E402
-from qwen2audio.engine.engine import Engine, EngineOptions  # noqa: E402
+from qwen2audio.config import GenerationConfig, ModelConfig  # noqa: E402
+from qwen2audio.engine.core import Engine  # noqa: E402
+from qwen2audio.engine.options import EngineOptions  # noqa: E402
 from qwen2audio.engine.request import SamplingParams  # noqa: E402
 from qwen2audio.model.attention import AttentionMetadata  # noqa: E402
+from qwen2audio.model.backend import Backend, choose_backend  # noqa: E402
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration  # noqa: E402
 from qwen2audio.model.weights import parameter_views  # noqa: E402
 from qwen2audio.processor import Processor  # noqa: E402
@@ -89,9 +91,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def random_network(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Our network with N(0, 0.02) weights (norms 1, their biases 0), drawn on the device."""
+    """Our network with N(0, 0.02) weights (norms 1, their biases 0), drawn on the device, on the
+    backend loading would choose there (the Triton kernels on CUDA; plain linears, which
+    transformers copies from, on the CPU)."""
+    model_config = ModelConfig.from_dict(config)
+    backend = choose_backend(model_config.text, device, dtype, onednn=False)
     with torch.device("meta"):
-        network = Qwen2AudioForConditionalGeneration(ModelConfig.from_dict(config))
+        network = Qwen2AudioForConditionalGeneration(model_config, backend)
     network = network.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -145,12 +151,24 @@ def conversation(clip: np.ndarray) -> list[dict]:
 # --- ours -------------------------------------------------------------------------------------
 
 
-def ours_run(engine: Engine, batch: list[np.ndarray], new_tokens: int) -> tuple[float, float, float, list[list[int]]]:
+@dataclass
+class Ours:
+    """One of our engines, and the processor that prepares its prompts (an engine takes prepared ones)."""
+
+    engine: Engine
+    processor: Processor
+
+    def submit(self, clip: np.ndarray, params: SamplingParams) -> str:
+        return self.engine.add_request(self.processor.prepare(conversation(clip)), params)
+
+
+def ours_run(ours: Ours, batch: list[np.ndarray], new_tokens: int) -> tuple[float, float, float, list[list[int]]]:
     """All requests arrive at once: (seconds to every first token, to the last token, first token of
     the first request, token ids)."""
     params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0)
     start = time.perf_counter()
-    ids = [engine.add_request(engine.processor.prepare(conversation(clip)), params) for clip in batch]
+    engine = ours.engine
+    ids = [ours.submit(clip, params) for clip in batch]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     first_token = None
     all_first = None
@@ -167,7 +185,7 @@ def ours_run(engine: Engine, batch: list[np.ndarray], new_tokens: int) -> tuple[
     return all_first, total, first_token, [tokens[i] for i in ids]
 
 
-def measure_ours(engine: Engine, requests: int, new_tokens: int, repeats: int) -> Figures:
+def measure_ours(engine: Ours, requests: int, new_tokens: int, repeats: int) -> Figures:
     seed = iter(range(1000, 2000))
     ours_run(engine, clips(1, 30, next(seed)), 4)  # warm-up: first prefill shapes, kernels
     ours_run(engine, clips(requests, 30, next(seed)), 4)
@@ -180,7 +198,7 @@ def measure_ours(engine: Engine, requests: int, new_tokens: int, repeats: int) -
     return Figures(1000 * ttft, decode_1, decode_n, e2e_n)
 
 
-def profile_ours(engine: Engine, requests: int, directory: pathlib.Path, device: torch.device) -> None:
+def profile_ours(ours: Ours, requests: int, directory: pathlib.Path, device: torch.device) -> None:
     """Kernel tables for the next tuning round, written to ``directory``: one 30 s-clip request's
     prefill (features, encoder, prefill, first token), and 12 decode steps of ``requests`` requests
     in steady state. Best effort: a profiler that fails here does not stop the benchmark."""
@@ -192,10 +210,10 @@ def profile_ours(engine: Engine, requests: int, directory: pathlib.Path, device:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with profile(activities=activities) as prefill:
-            ours_run(engine, clips(1, 30, 5000), 1)
+            ours_run(ours, clips(1, 30, 5000), 1)
         (directory / "profile_prefill.txt").write_text(prefill.key_averages().table(sort_by=sort, row_limit=40))
-        ids = [engine.add_request(engine.processor.prepare(conversation(clip)), params)
-               for clip in clips(requests, 30, 5001)]
+        engine = ours.engine
+        ids = [ours.submit(clip, params) for clip in clips(requests, 30, 5001)]
         seen: set[str] = set()
         while len(seen) < len(ids):  # every request past its prefill
             seen.update(output.request_id for output in engine.step())
@@ -390,9 +408,8 @@ class Bench:
         self.options = EngineOptions(
             kv_cache_bytes=kv_bytes(self.config, args.requests * 1024 + 4096, self.dtype),
             max_running=max(args.requests, 1), max_graph_batch=max(args.requests, 1),
-            kernels=None if self.device.type == "cuda" else False,
-            cpu_onednn=False,  # oneDNN would swap out the linear layers transformers copies from
-            async_decode=True,  # the default with CUDA graphs; said here so the CPU check pipelines too
+            static_decode=True,  # the default with CUDA graphs; said here so the CPU check runs that path too
+            async_decode=True,  # likewise
         )
         self.probe = clips(1, 30, 7)[0]
         with self.section("building the network (random weights, on the device)"):
@@ -402,17 +419,18 @@ class Bench:
     def section(self, name: str) -> contextlib.AbstractContextManager[None]:
         return section(name, self.report, self.args.output)
 
-    def engine(self, options: EngineOptions) -> Engine:
-        engine = Engine(self.network, self.processor, None, options)
-        if self.device.type == "cpu" and not options.enforce_eager:  # the path CUDA graphs replay, run eagerly
-            engine.runner.use_static_decoder(options.max_graph_batch)
-        return engine
+    def engine(self, options: EngineOptions, network: Qwen2AudioForConditionalGeneration | None = None) -> Ours:
+        generation = GenerationConfig(frozenset({self.processor.tokenizer.eos_id}))
+        engine = Engine(network or self.network, self.processor.tokenizer, self.processor.feature_extractor,
+                        generation, options)
+        return Ours(engine, self.processor)
 
     def check_paths(self) -> None:
         """Greedy tokens of our fast path (kernels, graphs, pipelining) against our eager path."""
         with self.section("our fast path against our eager path (greedy tokens, one request)"):
-            eager = self.engine(EngineOptions(kv_cache_bytes=kv_bytes(self.config, 2048, self.dtype), kernels=False,
-                                              enforce_eager=True, cpu_onednn=False, async_decode=False))
+            eager = self.engine(EngineOptions(kv_cache_bytes=kv_bytes(self.config, 2048, self.dtype),
+                                              enforce_eager=True, async_decode=False),
+                                self.network.with_backend(Backend()))
             eager_tokens = ours_run(eager, [self.probe], 32)[3][0]
             del eager
             release()
@@ -420,7 +438,8 @@ class Bench:
             release()
             agree = self.report["fast_vs_eager_common_prefix"] = common_prefix(self.fast_tokens, eager_tokens)
             log(f"   fast and eager agree on the first {agree} of 32 greedy tokens")
-            self.our_logits = our_prompt_logits(self.network, self.processor, self.probe, self.device)
+            self.our_logits = our_prompt_logits(self.network.with_backend(Backend()), self.processor, self.probe,
+                                                self.device)
 
     def measure(self, name: str, options: EngineOptions) -> None:
         """Our four figures with these engine options; a side run checks its tokens against the default's."""

@@ -5,6 +5,7 @@ transformers (the oracle) writes them, so their layout is the reference's, not o
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import shutil
@@ -132,15 +133,21 @@ def build_checkpoint(
     return directory
 
 
-def greedy_oracle(checkpoint: pathlib.Path, default_tokens: int = 12):
-    """transformers' greedy reply to one conversation or raw prompt: (text, token ids), fp32 eager."""
+@functools.cache
+def oracle(checkpoint: pathlib.Path):
+    """transformers' model (fp32, eager attention) and processor for a checkpoint, loaded once per session."""
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-    from qwen2audio import load_audio
 
     model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
                                                                dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    return model, AutoProcessor.from_pretrained(checkpoint)
+
+
+def greedy_oracle(checkpoint: pathlib.Path, default_tokens: int = 12):
+    """transformers' greedy reply to one conversation or raw prompt: (text, token ids), fp32 eager."""
+    from qwen2audio import load_audio
+
+    model, processor = oracle(checkpoint)
 
     def reply(item, audios, max_new_tokens: int = default_tokens):
         text = item if isinstance(item, str) else processor.apply_chat_template(

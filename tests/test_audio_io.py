@@ -42,6 +42,32 @@ def test_every_format_decodes_to_16k_mono_float32(name: str, seconds: float) -> 
     assert np.abs(samples).max() <= 1.0
 
 
+ALIGNED = {  # decoded vs the 16 kHz PCM original, after aligning by cross-correlation: (lag, correlation)
+    "speech_en_48k.flac": 0.9999, "speech_en_44k_stereo.wav": 0.9999,  # lossless, resampled
+    "speech_en.mp3": 0.99, "speech_en.ogg": 0.97, "speech_en.webm": 0.98, "speech_en.m4a": 0.99,  # lossy
+}
+
+
+@pytest.mark.parametrize("name", ALIGNED)
+def test_each_format_decodes_to_the_samples_of_the_16k_original(name: str) -> None:
+    """Every encoding of the same speech decodes to the original's samples: in time (codec delays
+    and padding trimmed, within a couple of samples) and in shape (correlation; lossless formats
+    within resampling error)."""
+    reference = load_audio(DATA / "speech_en_16k.wav")
+    decoded = load_audio(DATA / name)
+    size = 1 << (len(reference) + len(decoded)).bit_length()
+    xcorr = np.fft.irfft(np.fft.rfft(decoded, size) * np.conj(np.fft.rfft(reference, size)), size)
+    lag = int(np.argmax(xcorr))
+    lag = lag if lag < size // 2 else lag - size
+    assert abs(lag) <= 2, f"{name} is shifted by {lag} samples"
+    a, b = (decoded[lag:], reference) if lag >= 0 else (decoded, reference[-lag:])
+    n = min(len(a), len(b))
+    assert abs(len(decoded) - len(reference)) <= 0.010 * 16000  # at most 10 ms of codec padding
+    assert np.corrcoef(a[:n], b[:n])[0, 1] > ALIGNED[name]
+    if ALIGNED[name] > 0.999:  # lossless: the samples themselves, up to resampling error
+        np.testing.assert_allclose(a[:n], b[:n], atol=2e-3)
+
+
 def test_lossy_decodes_resemble_the_pcm_original() -> None:
     reference = load_audio(DATA / "speech_en_16k.wav")
     for name in ["speech_en_48k.flac", "speech_en_44k_stereo.wav", "speech_en.ogg"]:

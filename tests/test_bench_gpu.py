@@ -15,7 +15,7 @@ def test_gpu_benchmark_runs_at_toy_size_and_both_sides_agree(tmp_path):
     output = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--device", "cpu", "--dtype", "float32",
-         "--requests", "3", "--new-tokens", "16", "--repeats", "2", "--output", str(output),
+         "--requests", "2", "--new-tokens", "8", "--repeats", "1", "--output", str(output),
          "--profile-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False,
     )

@@ -1,16 +1,20 @@
-"""The command line, run as a user runs it: subprocesses on a tiny checkpoint, replies vs the oracle."""
+"""The command line on a tiny checkpoint, replies vs the oracle: in-process through cli.main(argv),
+and once per kind of command as a user runs it, in a subprocess."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from qwen2audio import cli as command_line
 from qwen2audio import load_audio
 from qwen2audio.transcribe import clean_transcript
 
@@ -33,12 +37,30 @@ def oracle(checkpoint):
 
 
 def cli(*args, stdin=None):
-    """Bytes in and out, decoded without newline translation: replies may hold a bare \r."""
+    """A real `qwen2audio` process. Bytes in and out, decoded without newline translation: replies
+    may hold a bare \r."""
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run([sys.executable, "-m", "qwen2audio.cli", *map(str, args)],
                             input=stdin.encode() if stdin else None, capture_output=True, env=env, timeout=300)
     result.stdout, result.stderr = result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
     return result
+
+
+@pytest.fixture
+def main(capsys, monkeypatch):
+    """cli.main(argv) in this process: (exit code, stdout, stderr), as `cli` gives them."""
+
+    def call(*args, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            code = command_line.main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --help and usage errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return call
 
 
 def user(*parts):
@@ -54,8 +76,8 @@ def test_run_audio_analysis_streams_the_greedy_reply(checkpoint, oracle):
     assert result.stdout == expected + "\n"
 
 
-def test_run_voice_chat_with_system_prompt_as_json(checkpoint, oracle):
-    result = cli("run", "--model", checkpoint, "--audio", TONE, "--system", "Answer in French.",
+def test_run_voice_chat_with_system_prompt_as_json(checkpoint, oracle, main):
+    result = main("run", "--model", checkpoint, "--audio", TONE, "--system", "Answer in French.",
                  "--temperature", "0", "--max-new-tokens", TOKENS, "--json", "--quiet")
     assert result.returncode == 0, result.stderr
     text, ids = oracle([{"role": "system", "content": "Answer in French."},
@@ -65,9 +87,9 @@ def test_run_voice_chat_with_system_prompt_as_json(checkpoint, oracle):
     assert reply["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == TOKENS
 
 
-def test_run_raw_base_prompt(checkpoint, oracle):
+def test_run_raw_base_prompt(checkpoint, oracle, main):
     prompt = "<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:"
-    result = cli("run", "--model", checkpoint, "--raw", "--audio", TONE, "--prompt", prompt,
+    result = main("run", "--model", checkpoint, "--raw", "--audio", TONE, "--prompt", prompt,
                  "--temperature", "0", "--max-new-tokens", TOKENS, "--quiet")
     assert result.returncode == 0, result.stderr
     assert result.stdout == oracle(prompt, [TONE])[0] + "\n"
@@ -91,8 +113,8 @@ def test_chat_several_turns_through_stdin(checkpoint, oracle, tmp_path):
     assert conversation[3]["content"] == reply2
 
 
-def test_chat_reports_a_bad_clip_and_goes_on(checkpoint):
-    result = cli("chat", "--model", checkpoint, "--temperature", "0", "--max-new-tokens", 3, "--quiet",
+def test_chat_reports_a_bad_clip_and_goes_on(checkpoint, main):
+    result = main("chat", "--model", checkpoint, "--temperature", "0", "--max-new-tokens", 3, "--quiet",
                  stdin=f"/audio {DATA / 'random_bytes.wav'}\n/frobnicate\nHi\n")
     assert result.returncode == 0
     assert "error: audio file" in result.stderr and "cannot decode audio" in result.stderr
@@ -103,10 +125,11 @@ def test_chat_reports_a_bad_clip_and_goes_on(checkpoint):
 TIME = r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d)"
 
 
-def test_transcribe_long_audio_into_srt_vtt_and_json(checkpoint, oracle, tmp_path):
+def test_transcribe_long_audio_into_srt_vtt_and_json(checkpoint, oracle, tmp_path, main):
     clip = DATA / "chirp_40s_22k.wav"
     for fmt in ("srt", "vtt", "json"):
-        result = cli("transcribe", "--model", checkpoint, clip, "--format", fmt, "--output-dir", tmp_path,
+        run = cli if fmt == "srt" else main  # one real process, the other formats in-process
+        result = run("transcribe", "--model", checkpoint, clip, "--format", fmt, "--output-dir", tmp_path,
                      "--max-new-tokens", 8, "--quiet")
         assert result.returncode == 0, result.stderr
     srt = (tmp_path / "chirp_40s_22k.srt").read_text()
@@ -130,6 +153,11 @@ def test_transcribe_long_audio_into_srt_vtt_and_json(checkpoint, oracle, tmp_pat
     expected, _ = oracle([user({"type": "audio", "audio_url": str(window)},
                                {"type": "text", "text": instruction})], [window], max_new_tokens=8)
     assert doc["segments"][0]["text"] == clean_transcript(expected)
+    # The second window, the last 10 s, as the oracle hears it alone.
+    soundfile.write(window, samples[480000:], 16000, subtype="FLOAT")
+    expected, _ = oracle([user({"type": "audio", "audio_url": str(window)},
+                               {"type": "text", "text": instruction})], [window], max_new_tokens=8)
+    assert doc["segments"][1]["text"] == clean_transcript(expected) and doc["segments"][1]["text"]
 
 
 def test_clean_transcript_strips_chat_model_chatter():
@@ -151,21 +179,22 @@ def test_clean_transcript_strips_chat_model_chatter():
         (["run", "--audio", TONE, "--dtype", "int4"], "dtype 'int4' is not supported"),
     ],
 )
-def test_errors_exit_2_with_one_line(checkpoint, args, message):
-    result = cli(args[0], "--model", checkpoint, "--quiet", *args[1:])
+def test_errors_exit_2_with_one_line(checkpoint, args, message, main):
+    result = main(args[0], "--model", checkpoint, "--quiet", *args[1:])
     assert result.returncode == 2
     assert result.stderr.strip().startswith("qwen2audio: error: ") and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_missing_model_exits_2():
-    result = cli("run", "--model", "/nonexistent/model", "--audio", TONE, "--quiet")
+    result = cli("run", "--model", "/nonexistent/model", "--audio", TONE, "--quiet")  # a real process
     assert result.returncode == 2 and "no such checkpoint directory" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("command", ["run", "chat", "transcribe", "inspect"])
-def test_help_has_examples(command):
-    result = cli(command, "--help")
+def test_help_has_examples(command, main):
+    result = main(command, "--help")
     assert result.returncode == 0 and "example" in result.stdout and "--device" in result.stdout
 
 

@@ -13,11 +13,13 @@ import torch
 
 from qwen2audio import load_audio
 from qwen2audio.api import Qwen2Audio
-from qwen2audio.engine.engine import AsyncEngine, Engine, EngineOptions
+from qwen2audio.config import GenerationConfig
+from qwen2audio.engine.async_engine import AsyncEngine
+from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import Request, SamplingError, SamplingParams
 from qwen2audio.errors import PromptError
 
-from checkpoints import build_checkpoint
+from checkpoints import build_checkpoint, oracle
 
 DATA = pathlib.Path(__file__).parent / "data"
 RNG = np.random.default_rng(11)
@@ -51,7 +53,14 @@ def model(checkpoint):
 
 
 def fresh_engine(model, **options):
-    return Engine(model.network, model.processor, model.directory, EngineOptions(**options))
+    engine = model.new_engine(EngineOptions(**options))
+    engine.processor = model.processor  # a test convenience: the engine itself never sees a processor
+    return engine
+
+
+def all_blocks_free(engine):
+    stats = engine.stats()
+    return stats.kv_blocks_free == stats.kv_blocks
 
 
 def run(engine, items, params, audios=()):
@@ -64,11 +73,7 @@ def run(engine, items, params, audios=()):
 
 
 def oracle_generate(checkpoint, items, audios, **generate_kwargs):
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-    hf = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
-                                                            dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    hf, processor = oracle(checkpoint)
     processor.tokenizer.padding_side = "left"
     texts = [item if isinstance(item, str) else
              processor.apply_chat_template(item, add_generation_prompt=True, tokenize=False) for item in items]
@@ -159,8 +164,8 @@ def test_preemption_then_resume_gives_the_same_tokens(model):
     # Every prompt fits at once, but the replies outgrow the cache: someone must be preempted.
     tight = fresh_engine(model, kv_cache_bytes=per_block * (prompt_blocks + 3))
     assert run(tight, items, params) == roomy
-    assert tight.num_preemptions > 0
-    assert tight.blocks.num_free == tight.blocks.num_blocks
+    assert tight.stats().preemptions > 0
+    assert all_blocks_free(tight)
 
 
 def test_abort_frees_blocks_at_once(model):
@@ -168,9 +173,9 @@ def test_abort_frees_blocks_at_once(model):
     request_id = engine.add_request(engine.processor.prepare(conv(audio(CLIPS[12]), text("Go on."))),
                                     SamplingParams(max_new_tokens=100, temperature=0))
     engine.step()
-    assert engine.blocks.num_free < engine.blocks.num_blocks
+    assert not all_blocks_free(engine)
     assert engine.abort(request_id)
-    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_unfinished
+    assert all_blocks_free(engine) and not engine.has_unfinished
     assert not engine.abort(request_id)
 
 
@@ -184,7 +189,7 @@ def test_multi_turn_reuses_encoder_output_and_prefix_blocks(model):
     misses = engine.runner.encoder_cache.misses
     request_id = engine.add_request(engine.processor.prepare(second_turn), params)
     engine.step()
-    request = engine.requests[request_id]
+    request = engine.scheduler.requests[request_id]
     assert request.table.cached_tokens >= 160  # the clip's 160 tokens came from the first turn's blocks
     assert engine.runner.encoder_cache.misses == misses
     cached = [request.output_ids[0]] + [t for o in engine.run({request_id}) for t in o.token_ids]
@@ -213,11 +218,7 @@ def test_api_streaming_stop_strings_limits_and_logprobs(checkpoint, model):
     assert third not in held.token_ids[:5] and len(held.token_ids) >= 6
 
     with_logprobs = model.chat(conversation, max_new_tokens=2, temperature=0, logprobs=3)
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-    hf = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager",
-                                                            dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    hf, processor = oracle(checkpoint)
     inputs = processor(text=processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
                        audio=[TONE], sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
@@ -269,7 +270,7 @@ def test_async_engine_streams_concurrent_requests_and_aborts(model):
 
     try:
         assert asyncio.run(main()) == expected
-        assert engine.blocks.num_free == engine.blocks.num_blocks
+        assert all_blocks_free(engine)
     finally:
         server.shutdown()
 
@@ -277,8 +278,8 @@ def test_async_engine_streams_concurrent_requests_and_aborts(model):
 def test_onednn_linears_agree_with_plain_torch(checkpoint, model):
     items = [conv(audio(CLIPS[s]), text("Describe it.")) for s in (0.5, 9)]
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0)
-    plain = Qwen2Audio.from_pretrained(checkpoint, progress=False)
-    plain_engine = fresh_engine(plain, cpu_onednn=False)
+    plain = Qwen2Audio.from_pretrained(checkpoint, progress=False, engine_options=EngineOptions(cpu_onednn=False))
+    plain_engine = fresh_engine(plain)
     assert type(plain.network.language_model.lm_head) is torch.nn.Linear
     fast_engine = fresh_engine(model)
     assert type(model.network.language_model.lm_head).__name__ == "MkldnnLinear"
@@ -293,7 +294,7 @@ def test_a_request_that_breaks_a_step_fails_alone(model, monkeypatch):
     params = SamplingParams(max_new_tokens=6, temperature=0)
     good = [engine.add_request(engine.processor.prepare(conv(audio(CLIPS[s]), text("Hi"))), params) for s in (3, 4)]
     poisoned = engine.add_request(engine.processor.prepare(conv(audio(CLIPS[9]), text("Hi"))), params)
-    bad_request = engine.requests[poisoned]
+    bad_request = engine.scheduler.requests[poisoned]
     execute = engine.runner.execute
 
     def failing(step):
@@ -308,7 +309,7 @@ def test_a_request_that_breaks_a_step_fails_alone(model, monkeypatch):
             outputs[output.request_id].append(output)
     assert outputs[poisoned][-1].finish_reason == "error" and "kernel exploded" in outputs[poisoned][-1].error
     assert all(outputs[i][-1].finish_reason == "length" for i in good)
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all_blocks_free(engine)
 
 
 STATIC_ITEMS = [conv(audio(CLIPS[s]), text("Describe it.")) for s in (0.5, 3, 4)]
@@ -326,18 +327,19 @@ INTERPRETED = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(("kernels", "max_batch"), [(False, 2), (False, 4), pytest.param(True, 2, marks=INTERPRETED)])
-def test_static_decoder_and_kernels_give_transformers_tokens(model, static_expected, kernels, max_batch):
+def test_static_decoder_and_kernels_give_transformers_tokens(checkpoint, model, static_expected, kernels, max_batch):
     """The fixed-buffer decode path CUDA graphs replay (padded to a bucket, padded rows on the scratch
     block), and the Triton kernels (on the CPU in Triton's interpreter), against the oracle.
 
     Replies of 6, 12 and 24 tokens shrink the decode batch 3 -> 2 -> 1, so with max_batch 2 the first
     steps run eagerly and the later ones through buckets 2 and 1; with 4, three rows pad to four."""
-    engine = fresh_engine(model, kernels=kernels)
-    assert engine.runner.use_kernels is kernels
-    engine.runner.use_static_decoder(max_batch)
+    if kernels:  # the backend is chosen when the model is loaded
+        model = Qwen2Audio.from_pretrained(checkpoint, progress=False, engine_options=EngineOptions(kernels=True))
+    engine = fresh_engine(model, static_decode=True, max_graph_batch=max_batch)
+    assert engine.runner.network.backend.kernels is kernels
     calls = []
-    original = engine.runner.static.run
-    engine.runner.static.run = lambda requests: calls.append(len(requests)) or original(requests)
+    original = engine.runner.static.execute
+    engine.runner.static.execute = lambda requests: calls.append(len(requests)) or original(requests)
     ids = [engine.add_request(engine.processor.prepare(item), SamplingParams(max_new_tokens=n, temperature=0))
            for item, n in zip(STATIC_ITEMS, (6, 12, 24), strict=True)]
     tokens = {i: [] for i in ids}
@@ -346,7 +348,7 @@ def test_static_decoder_and_kernels_give_transformers_tokens(model, static_expec
     for request_id, expected, n in zip(ids, static_expected, (6, 12, 24), strict=True):
         assert tokens[request_id] == expected[:n]
     assert set(calls) == ({1, 2} if max_batch == 2 else {1, 2, 3})
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all_blocks_free(engine)
 
 
 def test_fp8_kv_cache_quarters_fp32_bytes_and_decodes_alike_on_both_paths(model, static_expected):
@@ -360,8 +362,7 @@ def test_fp8_kv_cache_quarters_fp32_bytes_and_decodes_alike_on_both_paths(model,
     eager = fresh_engine(model, kv_cache_bytes=budget, kv_cache_dtype="fp8")
     assert eager.runner.caches[0][0].dtype == torch.float8_e4m3fn
     assert eager.runner.num_blocks + 1 == 4 * (plain.runner.num_blocks + 1)
-    static = fresh_engine(model, kv_cache_bytes=budget, kv_cache_dtype="fp8")
-    static.runner.use_static_decoder(4)
+    static = fresh_engine(model, kv_cache_bytes=budget, kv_cache_dtype="fp8", static_decode=True, max_graph_batch=4)
     params = SamplingParams(max_new_tokens=12, temperature=0)
     got_eager = run(eager, STATIC_ITEMS, params)
     assert run(static, STATIC_ITEMS, params) == got_eager
@@ -384,6 +385,7 @@ def test_fp8_kv_cache_quarters_fp32_bytes_and_decodes_alike_on_both_paths(model,
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         fresh_engine(model, kv_cache_dtype="int4")
 
+
 def test_sampler_counts_tokens_still_on_the_device_for_min_new_tokens():
     """A pipelined step samples before the previous token reaches the host (lag 1): min_new_tokens
     must count that token, or end tokens stay banned one step too long."""
@@ -391,7 +393,8 @@ def test_sampler_counts_tokens_still_on_the_device_for_min_new_tokens():
 
     from qwen2audio.engine.sampler import Sampler
 
-    params = SamplingParams(max_new_tokens=10, min_new_tokens=3, temperature=0, stop_token_ids=[4]).with_defaults({})
+    params = SamplingParams(max_new_tokens=10, min_new_tokens=3, temperature=0, stop_token_ids=[4]).with_defaults(
+        GenerationConfig(frozenset({5})))
     request = SimpleNamespace(params=params, output_ids=[7, 8], eos_ids=frozenset({5}), all_ids=[1, 7, 8])
     logits = torch.zeros(1, 10)
     logits[0, 5], logits[0, 4], logits[0, 2] = 3.0, 2.0, 1.0
@@ -432,11 +435,11 @@ def test_engine_state_survives_a_switch_between_async_and_plain_use(model):
     assert run(engine, [item], params) == expected  # same engine, now from plain code
 
     with torch.inference_mode():
-        built_inside = fresh_engine(model, async_decode=True)
-    built_inside.runner.use_static_decoder(4)
+        built_inside = fresh_engine(model, async_decode=True, static_decode=True, max_graph_batch=4)
     launched = []
-    original = built_inside._launch
-    built_inside._launch = lambda *args, **kwargs: launched.append(original(*args, **kwargs)) or launched[-1]
+    pipeline = built_inside.pipeline
+    original = pipeline._launch
+    pipeline._launch = lambda *args, **kwargs: launched.append(original(*args, **kwargs)) or launched[-1]
     assert run(built_inside, [item, item], params) == expected * 2
     assert launched and all(step is not None for step in launched)
 
@@ -450,4 +453,4 @@ def test_generated_request_ids_never_take_a_callers_id(model):
         engine.add_request(prompt, SamplingParams(max_new_tokens=1), request_id=request_id)
     generated = [engine.add_request(prompt, SamplingParams(max_new_tokens=1)) for _ in range(6)]
     assert not set(generated) & set(taken) and len(set(generated)) == 6
-    assert len(engine.requests) == 13
+    assert len(engine.scheduler.requests) == 13

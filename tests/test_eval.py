@@ -86,9 +86,13 @@ def manifest(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return Qwen2Audio.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("eval") / "ckpt", seed=1),
-                                      progress=False)
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("eval") / "ckpt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return Qwen2Audio.from_pretrained(checkpoint, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +155,12 @@ def test_end_to_end_writes_results_and_resumes_without_repeating(model, datasets
     assert fourth["generated_this_run"] == 0
 
 
-def test_eval_command(datasets, model, tmp_path):
+def test_eval_command(datasets, checkpoint, tmp_path):
     import subprocess
     import sys
 
     output = tmp_path / "meld.json"
-    result = subprocess.run([sys.executable, "-m", "qwen2audio.cli", "eval", "--model", str(model.directory),
+    result = subprocess.run([sys.executable, "-m", "qwen2audio.cli", "eval", "--model", str(checkpoint),
                              "--task", "meld", "--data", str(datasets["meld"]), "--output", str(output),
                              "--max-new-tokens", "4", "--quiet"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

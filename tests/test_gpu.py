@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from qwen2audio.api import Qwen2Audio
-from qwen2audio.engine.engine import Engine, EngineOptions
+from qwen2audio.engine.core import Engine
+from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingParams
+from qwen2audio.model.backend import Backend
 
 from checkpoints import build_checkpoint
 
@@ -36,21 +38,32 @@ def checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("gpu") / "ckpt", kv_heads=2, seed=4)
 
 
+def load(checkpoint, device: str, dtype: str = "float32") -> Qwen2Audio:
+    """Plain torch linear layers on the CPU, so that the eager twin below can share the weights."""
+    return Qwen2Audio.from_pretrained(checkpoint, device=device, dtype=dtype, progress=False,
+                                      engine_options=EngineOptions(cpu_onednn=False))
+
+
 def engines(model: Qwen2Audio, async_decode: bool = False, max_batch: int = 4, **options) -> tuple[Engine, Engine]:
-    """(fast, eager) engines over one network; ``async_decode``: the fast one pipelines its decode steps."""
+    """(fast, eager) engines over the same weights; the eager one on the eager ops, without the
+    static decoder; ``async_decode``: the fast one pipelines its decode steps."""
     budget = {"kv_cache_bytes": options.pop("kv_cache_bytes", 2**26)}
-    fast = Engine(model.network, model.processor, model.directory,
-                  EngineOptions(max_graph_batch=max_batch, cpu_onednn=False, async_decode=async_decode, **budget,
-                                **options))
-    if model.network.language_model.model.embed_tokens.weight.is_cuda:
-        assert fast.runner.use_kernels and fast.runner.static is not None and fast.runner.static.graphs
-    else:
-        fast.runner.use_static_decoder(max_batch)
-    eager = Engine(model.network, model.processor, model.directory,
-                   EngineOptions(kernels=False, enforce_eager=True, cpu_onednn=False, async_decode=False, **budget,
-                                 **options))
-    assert eager.runner.static is None and not eager.pipelined
+    fast = model.new_engine(EngineOptions(max_graph_batch=max_batch, static_decode=True, async_decode=async_decode,
+                                          **budget, **options))
+    if model.device.type == "cuda":
+        assert model.network.backend.kernels and fast.runner.static is not None and fast.runner.static.graphs
+    eager_network = model.network.with_backend(Backend())
+    eager = Engine(eager_network, model.processor.tokenizer, model.processor.feature_extractor, model.generation,
+                   EngineOptions(enforce_eager=True, async_decode=False, **budget, **options))
+    assert eager.runner.static is None and not eager.pipeline.enabled and not eager_network.backend.kernels
+    for engine in (fast, eager):
+        engine.processor = model.processor  # a test convenience: the engine itself never sees a processor
     return fast, eager
+
+
+def all_blocks_free(engine: Engine) -> bool:
+    stats = engine.stats()
+    return stats.kv_blocks_free == stats.kv_blocks
 
 
 def staggered_run(engine: Engine, logprobs: int | None = None) -> list[tuple[list[int], list[float]]]:
@@ -71,20 +84,20 @@ def staggered_run(engine: Engine, logprobs: int | None = None) -> list[tuple[lis
             take(engine.step())
             take(engine.step())
     take(engine.run(set(ids)))
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all_blocks_free(engine)
     return [tokens[i] for i in ids]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_decode_gives_the_eager_tokens_in_fp32(checkpoint, device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN's default TF32 convolutions
-    model = Qwen2Audio.from_pretrained(checkpoint, device=device, dtype="float32", progress=False)
+    model = load(checkpoint, device)
     fast, eager = engines(model)
     got, expected = staggered_run(fast), staggered_run(eager)
     assert [t for t, _ in got] == [t for t, _ in expected]
     assert [len(t) for t, _ in got] == list(LENGTHS)
     if device == "cuda":  # and the eager GPU path gives what the CPU engine gives
-        cpu = Qwen2Audio.from_pretrained(checkpoint, device="cpu", dtype="float32", progress=False)
+        cpu = load(checkpoint, "cpu")
         assert [t for t, _ in staggered_run(engines(cpu)[1])] == [t for t, _ in expected]
 
 
@@ -94,7 +107,7 @@ def test_fast_decode_gives_the_eager_tokens_in_fp32(checkpoint, device, monkeypa
 def test_fast_decode_in_bf16_stays_within_tolerance_of_eager(checkpoint, kv_cache_dtype):
     """bf16 rounds differently op by op (split-K attention, fused norms): the chosen tokens' logprobs
     agree closely while the tokens agree, and the first tokens agree."""
-    model = Qwen2Audio.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False)
+    model = load(checkpoint, "cuda", "bfloat16")
     fast, eager = engines(model, kv_cache_dtype=kv_cache_dtype)
     got, expected = staggered_run(fast, logprobs=1), staggered_run(eager, logprobs=1)
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, expected, strict=True):
@@ -149,7 +162,7 @@ def mixed_run(engine: Engine, stop_token: int, abort_at: int | None = None) -> d
         if abort_at is not None and steps == abort_at:
             engine.abort(next(i for i, k in ids.items() if k == 1))
             reasons[1] = "abort"
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all_blocks_free(engine)
     return {k: (tokens[k], reasons[k]) for k in tokens}
 
 
@@ -158,19 +171,19 @@ def test_pipelined_decode_gives_what_the_plain_engine_gives(checkpoint, device):
     """Steps launched before the previous one is read: the same tokens, finish reasons and freed
     blocks as the plain engine, through stop tokens, min_new_tokens, seeded sampling, repetition
     penalties, arrivals mid-stream and an abort while a step is in flight."""
-    model = Qwen2Audio.from_pretrained(checkpoint, device=device, dtype="float32", progress=False)
+    model = load(checkpoint, device)
     fast, plain = engines(model, async_decode=True, max_batch=8)
     alone = plain.add_request(plain.processor.prepare(conversation(CLIPS[2], 2)),
                               SamplingParams(max_new_tokens=8, temperature=0))
     stop_token = [t for output in plain.run({alone}) for t in output.token_ids][4]  # request 2 stops early
     launches = []
-    original = fast._launch
-    fast._launch = lambda requests, ahead, tokens: launches.append(ahead) or original(requests, ahead, tokens)
+    original = fast.pipeline._launch
+    fast.pipeline._launch = lambda requests, ahead, tokens: launches.append(ahead) or original(requests, ahead, tokens)
     expected = mixed_run(plain, stop_token)
     assert mixed_run(fast, stop_token) == expected
     assert launches.count(1) > 3 * launches.count(0)  # most decode steps ran ahead
     assert expected[2][1] == "stop" and len(expected[2][0]) <= 5
-    fast._launch = original
+    fast.pipeline._launch = original
     aborted = mixed_run(fast, stop_token, abort_at=12)
     assert aborted[1][1] == "abort" and len(aborted[1][0]) < len(expected[1][0])
     assert {k: v for k, v in aborted.items() if k != 1} == {k: v for k, v in expected.items() if k != 1}
@@ -183,9 +196,9 @@ def test_launching_a_pipelined_decode_step_never_waits_for_the_gpu(checkpoint):
     repetition penalty and seeded top-k/top-p, the copy of the tokens back) runs under torch's sync
     debug mode set to error: a pageable copy or a .item() there would raise. Reading the finished
     step waits on its event, by design, outside that check."""
-    model = Qwen2Audio.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False)
+    model = load(checkpoint, "cuda", "bfloat16")
     fast, _ = engines(model, async_decode=True)
-    original, checked, errors = fast._launch, [], []
+    original, checked, errors = fast.pipeline._launch, [], []
 
     def strict_launch(requests, ahead, tokens):
         torch.cuda.set_sync_debug_mode("error")
@@ -199,7 +212,7 @@ def test_launching_a_pipelined_decode_step_never_waits_for_the_gpu(checkpoint):
         checked.append(ahead)
         return result
 
-    fast._launch = strict_launch
+    fast.pipeline._launch = strict_launch
     for k, clip in enumerate(CLIPS[:3]):
         params = SamplingParams(max_new_tokens=30, min_new_tokens=20, temperature=0.7 * k, top_k=20, top_p=0.9,
                                 seed=k or None, repetition_penalty=1.1)
@@ -221,7 +234,7 @@ def test_pipelined_decode_through_stop_strings_context_limit_preemption_and_reus
     """A 96-position model and a cache too small for every reply at once: the pipelined engine ends
     requests on a stop string and at the context limit, survives preemptions, and tells an aborted
     request from a new one that reuses its id, all as the plain engine does."""
-    model = Qwen2Audio.from_pretrained(short_checkpoint, device=device, dtype="float32", progress=False)
+    model = load(short_checkpoint, device)
     per_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 tokens, 2 KV heads, head dim 16, fp32
     fast, plain = engines(model, async_decode=True, max_batch=8, kv_cache_bytes=per_block * 15)
     probe = plain.add_request(plain.processor.prepare(conversation(SHORT[1], 0)),
@@ -251,7 +264,7 @@ def test_pipelined_decode_through_stop_strings_context_limit_preemption_and_reus
                 results["again"] = ([], None)
                 engine.add_request(engine.processor.prepare(conversation(SHORT[3], 9)),
                                    SamplingParams(max_new_tokens=25, temperature=0), request_id="again")
-        assert engine.blocks.num_free == engine.blocks.num_blocks
+        assert all_blocks_free(engine)
         return results
 
     expected, got = run(plain), run(fast)
@@ -261,4 +274,32 @@ def test_pipelined_decode_through_stop_strings_context_limit_preemption_and_reus
     assert len(expected["again"][0]) == 25 and expected["seeded"][1] == "length"
     limit_prompt = fast.processor.prepare(conversation(SHORT[0], 1)).num_tokens
     assert limit_prompt + len(expected["limit"][0]) == 96  # ended at the context, not at max_new_tokens
-    assert fast.num_preemptions > 0 and plain.num_preemptions > 0
+    assert fast.stats().preemptions > 0 and plain.stats().preemptions > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_pipelined_step_reads_back_its_own_tokens(checkpoint, device):
+    """A step's tokens are read after the next step is launched, so each launch copies its tokens
+    into the host buffer of its own turn: at every read the buffer still holds that step's tokens
+    (on the CPU the copy is immediate, so a shared buffer would already hold the next step's)."""
+    model = load(checkpoint, device)
+    fast, _ = engines(model, async_decode=True)
+    pipeline = fast.pipeline
+    collect, reads = pipeline._collect, []
+
+    def checked_collect(step):
+        if step.done is not None:
+            step.done.synchronize()
+        reads.append((pipeline.inflight is not None, step.host.tolist() == step.tokens.tolist()))
+        return collect(step)
+
+    pipeline._collect = checked_collect
+    for k, clip in enumerate(CLIPS[:3]):
+        params = SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=0.8, seed=k)
+        fast.add_request(fast.processor.prepare(conversation(clip, k)), params)
+    while fast.has_unfinished:
+        fast.step()
+    assert sum(ahead for ahead, _ in reads) > 5  # most reads happened with the next step launched
+    assert all(intact for _, intact in reads)
+    hosts = fast.runner.static.sampled
+    assert hosts[0].data_ptr() != hosts[1].data_ptr() and hosts[0].is_pinned() == (device == "cuda")

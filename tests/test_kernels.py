@@ -14,7 +14,9 @@ from torch.nn import functional as F
 
 kernels = pytest.importorskip("qwen2audio.model.kernels")
 
-from qwen2audio.model.attention import AttentionMetadata, attention  # noqa: E402
+from qwen2audio.config import TextConfig  # noqa: E402
+from qwen2audio.model.attention import AttentionMetadata, attention, write_cache  # noqa: E402
+from qwen2audio.model.backend import self_check  # noqa: E402
 from qwen2audio.model.layers import RMSNorm, RotaryEmbedding, apply_rotary  # noqa: E402
 
 # The CPU runs the kernels in Triton's interpreter (tests/conftest.py turns it on where there is no
@@ -149,15 +151,39 @@ def test_paged_decode_agrees_with_the_eager_decode_path(device: str) -> None:
     _close(kernels.paged_decode_attention(query, cache, tables, context), eager, torch.float32)
 
 
+def text_config(heads: int, kv_heads: int, head_dim: int, hidden: int) -> TextConfig:
+    return TextConfig(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, hidden_size=hidden)
+
+
+GQA, MHA = text_config(14, 2, 32, 64), text_config(4, 4, 32, 64)
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="runs the kernels on CPU tensors")
 def test_self_check_passes_and_names_a_broken_kernel(monkeypatch):
     cpu = torch.device("cpu")
-    assert kernels.self_check(14, 2, 32, 64, cpu, torch.float32) is None
-    assert kernels.self_check(4, 4, 32, 64, cpu, torch.float32) is None  # multi-head: the vector kernel
+    assert self_check(GQA, cpu, torch.float32) is None
+    assert self_check(MHA, cpu, torch.float32) is None  # multi-head: the vector kernel
     monkeypatch.setattr(kernels, "silu_mul", lambda gate_up: gate_up[:, : gate_up.shape[1] // 2].clone())
-    assert "silu_mul" in kernels.self_check(14, 2, 32, 64, cpu, torch.float32)
+    assert "silu_mul" in self_check(GQA, cpu, torch.float32)
     monkeypatch.setattr(kernels, "rms_norm", lambda *args: (_ for _ in ()).throw(RuntimeError("no kernel image")))
-    assert kernels.self_check(14, 2, 32, 64, cpu, torch.float32) == "RuntimeError: no kernel image"
+    assert self_check(GQA, cpu, torch.float32) == "RuntimeError: no kernel image"
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs the kernels on CPU tensors")
+def test_kernels_that_fail_their_self_check_fall_back_to_the_eager_ops_unless_required(monkeypatch, caplog):
+    """The auto mode's fallback (on CUDA when the kernels are not asked for explicitly), run here
+    on the CPU in the interpreter: a broken kernel gives the eager ops and a warning; asked-for
+    kernels raise instead; working ones are bound."""
+    from qwen2audio.model.backend import TritonOps, kernels_backend
+
+    cpu = torch.device("cpu")
+    assert isinstance(kernels_backend(GQA, cpu, torch.float32, torch.float32, False, required=False).ops, TritonOps)
+    monkeypatch.setattr(kernels, "paged_decode_attention", lambda query, *args: torch.zeros_like(query))
+    with caplog.at_level("WARNING"):
+        fallback = kernels_backend(GQA, cpu, torch.float32, torch.float32, False, required=False)
+    assert not fallback.kernels and "paged_decode_attention differs" in caplog.text
+    with pytest.raises(RuntimeError, match="paged_decode_attention differs"):
+        kernels_backend(GQA, cpu, torch.float32, torch.float32, False, required=True)
 
 
 FP8 = torch.float8_e4m3fn
@@ -196,15 +222,13 @@ def test_fp8_cache_write_and_decode_read(device: str) -> None:
     widened = (fp8_cache[0].float(), fp8_cache[1].float())
     _close(kernels.paged_decode_attention(query, fp8_cache, tables, context, splits=2),
            kernels.paged_decode_attention(query, widened, tables, context, splits=2), torch.float32)
-    assert kernels.self_check(4, 2, 16, 64, torch.device(device), torch.float32, FP8) is None
+    assert self_check(text_config(4, 2, 16, 64), torch.device(device), torch.float32, FP8) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_cache_saturates_on_both_paths(device: str) -> None:
     """Keys and values past e4m3's largest value (448) are stored as +-448 by the kernel and by the
     eager write alike, never as NaN."""
-    from qwen2audio.model.attention import _write_cache
-
     heads, kv_heads, head_dim = 2, 1, 16
     qkv = torch.full((1, (heads + 2 * kv_heads) * head_dim), 1000.0, device=device)
     qkv[0, -head_dim:] = -2000.0  # the value head
@@ -213,9 +237,8 @@ def test_fp8_cache_saturates_on_both_paths(device: str) -> None:
     kernel_cache = tuple(torch.zeros(1, 4, kv_heads, head_dim, dtype=FP8, device=device) for _ in range(2))
     kernels.rope_and_cache(qkv.clone(), cos, sin, heads, kv_heads, torch.tensor([2], device=device), kernel_cache)
     eager_cache = tuple(torch.zeros(1, 4, kv_heads, head_dim, dtype=FP8, device=device) for _ in range(2))
-    meta = AttentionMetadata([1], [3], torch.tensor([2], device=device))
     key = qkv[:, heads * head_dim:(heads + 1) * head_dim].reshape(1, 1, head_dim)
-    _write_cache(key, qkv[:, -head_dim:].reshape(1, 1, head_dim), meta, eager_cache)
+    write_cache(key, qkv[:, -head_dim:].reshape(1, 1, head_dim), torch.tensor([2], device=device), eager_cache)
     for cache in (kernel_cache, eager_cache):
         assert torch.equal(cache[0][0, 2].float(), torch.full((1, head_dim), 448.0, device=device))
         assert torch.equal(cache[1][0, 2].float(), torch.full((1, head_dim), -448.0, device=device))

@@ -1,7 +1,7 @@
 """Property tests for the paged KV block manager and the continuous-batching scheduler.
 
-Plain Python: no model and no tensors. The scheduler is driven by a fake "model step" that mirrors
-Engine.step (schedule -> mark computed -> publish prefills -> append a token -> retire), where the
+Plain Python: no model and no tensors. The real scheduler is driven as Engine.step drives it
+(schedule -> a fake model step -> Scheduler.update, which appends, publishes and retires), where the
 fake token depends only on the request's token history. That makes a request's output independent
 of batching, preemption and prefix-cache hits, so every request must produce exactly what it
 produces when run alone.
@@ -22,17 +22,17 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from qwen2audio.engine.kv_cache import BlockManager, BlockTable, block_hashes, token_keys
-from qwen2audio.engine.request import Request, SamplingParams, Status
+from qwen2audio.config import GenerationConfig
+from qwen2audio.engine.block_manager import BlockManager, BlockTable, block_hashes, token_keys
+from qwen2audio.engine.request import Prompt, Request, SamplingParams, Status
 from qwen2audio.engine.scheduler import ScheduledStep, Scheduler
-from qwen2audio.processor import Prompt
 from qwen2audio.text.tokenizer import Tokenizer
 
 DATA = pathlib.Path(__file__).parent / "data"
 EOS = 151645
 AUDIO = 151646  # <|AUDIO|> placeholder: its cache key comes from the clip digest, not the id
-# What generation_defaults() returns for a checkpoint without generation_config.json.
-DEFAULTS = dict.fromkeys(("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty"))
+# What a checkpoint without generation_config.json gives.
+DEFAULTS = GenerationConfig(frozenset({EOS}))
 
 Span = tuple[int, int, str]  # (offset, length, digest), as token_keys takes them
 
@@ -75,9 +75,25 @@ class Held:
     computed: int
 
 
+def check_invariants(manager: BlockManager, tables: Sequence[BlockTable]) -> None:
+    """Every block is exactly one of: referenced (count == owners), evictable, never used."""
+    owners = [0] * manager.num_blocks
+    for table in tables:
+        for block in table.blocks:
+            owners[block] += 1
+    assert owners == manager.ref_counts, "reference counts differ from the tables that hold blocks"
+    free = set(manager._never_used)
+    evictable = set(manager._evictable)
+    assert len(free) == len(manager._never_used) and not (free & evictable), "a block is listed twice"
+    for block in range(manager.num_blocks):
+        in_use = owners[block] > 0
+        assert in_use + (block in free) + (block in evictable) == 1, f"block {block} is in two states"
+    assert all(manager._block_of[h] == b for b, h in manager._hash_of.items()), "hash maps disagree"
+
+
 def check_tables(manager: BlockManager, held: Sequence[Held]) -> None:
     """Reference counts match, and the prefix cache only ever shares identical, computed content."""
-    manager.check_invariants([h.table for h in held])
+    check_invariants(manager, [h.table for h in held])
     size = manager.block_size
     referenced = {block for h in held for block in h.table.blocks}
     assert manager.num_free + len(referenced) == manager.num_blocks
@@ -218,7 +234,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         for seq in self.live:
             manager.free(seq.table)
-        manager.check_invariants([])
+        check_invariants(manager, [])
         assert manager.num_free == manager.num_blocks
         assert all(count == 0 for count in manager.ref_counts)
 
@@ -277,7 +293,7 @@ def test_different_audio_is_not_shared() -> None:
     assert set(other.blocks[1:]).isdisjoint(first.blocks)
     same = manager.allocate(len(ids), first_hashes)
     assert same.cached_tokens == 6 and same.blocks[:3] == first.blocks[:3]
-    manager.check_invariants([first, other, same])
+    check_invariants(manager, [first, other, same])
 
 
 @pytest.mark.parametrize(
@@ -319,7 +335,7 @@ def test_can_allocate_counts_reclaimed_cached_blocks() -> None:
     assert not manager.can_allocate(1)
     with pytest.raises(MemoryError):
         manager.allocate(1)
-    manager.check_invariants([again])
+    check_invariants(manager, [again])
 
 
 def test_lru_eviction_order() -> None:
@@ -367,7 +383,7 @@ def test_lru_reuse_refreshes_a_block() -> None:
     manager.free(again)
     taken = manager.allocate(8).blocks
     assert taken[-2:] == [b_head, a_head]
-    manager.check_invariants([BlockTable(taken)])
+    check_invariants(manager, [BlockTable(taken)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +434,8 @@ def keys_of(request: Request) -> list[bytes]:
 
 
 class Simulation:
-    """A Scheduler + BlockManager driven like Engine.step, checking invariants around every step."""
+    """The real Scheduler (and its BlockManager) driven like Engine.step, with a fake model,
+    checking invariants around every step."""
 
     def __init__(
         self,
@@ -431,15 +448,17 @@ class Simulation:
     ) -> None:
         self.model = model
         self.manager = BlockManager(num_blocks, block_size, prefix_cache)
-        self.scheduler = Scheduler(self.manager, self.hashes_of, max_batch_tokens, max_running)
+        self.scheduler = Scheduler(self.manager, max_batch_tokens, max_running)
         self.stats: Counter[str] = Counter()
 
     def hashes_of(self, request: Request) -> list[bytes]:
+        """Computed here from the token keys, independently of Request.block_hashes."""
         return block_hashes(keys_of(request), self.manager.block_size)
 
     def abort(self, request: Request) -> None:
-        self.scheduler.finish(request)  # as Engine.abort does: no publishing
-        request.finish_reason = request.finish_reason or "abort"
+        assert self.scheduler.abort(request.request_id) is request
+        assert request.finish_reason == "abort" and request.finished and request.table.blocks == []
+        assert self.scheduler.abort(request.request_id) is None, "aborting twice found the request again"
         self.stats["aborted"] += 1
 
     def check(self) -> None:
@@ -484,6 +503,16 @@ class Simulation:
         if busy:
             assert not step.empty, "requests are waiting or running but nothing was scheduled (stall)"
 
+    def check_published(self, request: Request, prefill: bool) -> None:
+        """After a prefill every full computed block is in the prefix cache (and at the end every
+        full block but the one holding the never-computed last token), under its content's hash."""
+        size = self.manager.block_size
+        computed = request.num_tokens - 1 if request.finish_reason is not None else request.num_computed
+        if not self.manager.enable_prefix_cache or not (prefill or request.finish_reason is not None):
+            return
+        for digest in self.hashes_of(request)[: computed // size]:
+            assert digest in self.manager._block_of, "a computed full block was not published"
+
     def step(self) -> ScheduledStep:
         """One Engine.step with the fake model."""
         busy = self.scheduler.num_unfinished > 0
@@ -498,18 +527,21 @@ class Simulation:
         self.stats["preempted"] += len(step.preempted)
         self.stats["cache hits"] += sum(1 for r in step.prefills if r.num_computed)
         self.stats["resumed"] += sum(1 for r in step.prefills if r.output_ids)
-        size = self.manager.block_size
-        for index, request in enumerate([*step.prefills, *step.decodes]):
-            request.num_computed = request.num_tokens
-            if index < len(step.prefills):
-                self.manager.publish(request.table, self.hashes_of(request)[: request.num_computed // size])
-            request.append(self.model(request.all_ids))
+        before = {id(r): (r.num_tokens, r.num_computed) for r in step.requests}
+        tokens = [self.model(r.all_ids) for r in step.requests]
+        outputs = self.scheduler.update(step.requests, tokens, [None] * len(tokens), len(step.prefills))
+        assert [o.request_id for o in outputs] == [r.request_id for r in step.requests], "an output per request"
+        for request, token, output in zip(step.requests, tokens, outputs, strict=True):
+            num_tokens, _ = before[id(request)]
+            assert request.output_ids[-1] == token and request.num_tokens == num_tokens + 1
+            assert output.token_ids == [token] and output.finished == (request.finish_reason is not None)
+            self.check_published(request, prefill=any(request is p for p in step.prefills))
             if request.finish_reason is not None:
                 self.stats[f"finished: {request.finish_reason}"] += 1
-                full = (request.num_tokens - 1) // size  # the last token's KV was never computed
-                self.manager.publish(request.table, self.hashes_of(request)[:full])
-                self.scheduler.finish(request)
                 assert request.status is Status.FINISHED and request.table.blocks == []
+                assert request.request_id not in self.scheduler.requests
+            else:
+                assert request.num_computed == num_tokens, "every token before the new one is computed"
         self.check()
         return step
 
@@ -533,8 +565,9 @@ class Simulation:
             self.check()
             self.step()
             number += 1
-        self.manager.check_invariants([])
+        check_invariants(self.manager, [])
         assert self.manager.num_free == self.manager.num_blocks, "blocks leaked after every request finished"
+        assert not self.scheduler.requests, "a finished request is still registered"
         done = [r for r in requests if r is not None]
         assert len(done) == len(specs)
         return done
@@ -715,7 +748,7 @@ def test_requests_that_could_outgrow_one_step_are_rejected_up_front() -> None:
 def test_add_rejects_requests_that_can_never_fit(
     prompt_len: int, max_new: int, block_size: int, num_blocks: int, max_batch_tokens: int, needed: int
 ) -> None:
-    scheduler = Scheduler(BlockManager(num_blocks, block_size), lambda r: [], max_batch_tokens)
+    scheduler = Scheduler(BlockManager(num_blocks, block_size), max_batch_tokens)
     request = make_request(Spec(tuple(range(prompt_len)), (), max_new))
     message = (
         f"may need {prompt_len + max_new - 1} tokens in one step / {needed} KV blocks; "

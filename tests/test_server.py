@@ -125,28 +125,61 @@ def test_raw_completion_with_audio(client, oracle):
     assert response.choices[0].text == expected
 
 
+INSTRUCTIONS = {  # what the Transcriber asks a chat checkpoint (the tiny checkpoints have a chat template)
+    "transcribe": "Transcribe the speech verbatim. Reply with the transcript only, without quotes or any other words.",
+    "translate": "Translate the speech into English. Reply with the translation only.",
+}
+
+
+@pytest.fixture(scope="module")
+def window_oracle(checkpoint, tmp_path_factory):
+    """The oracle's cleaned greedy reply (448 tokens at most, the route's limit) to one task on one
+    clip, the clip written out as 16 kHz samples."""
+    import soundfile
+
+    from qwen2audio import load_audio
+    from qwen2audio.transcribe import WINDOW_TOKENS, clean_transcript
+
+    reply = greedy_oracle(checkpoint, WINDOW_TOKENS)
+    folder = tmp_path_factory.mktemp("windows")
+
+    def text(task, samples, name):
+        path = folder / f"{name}.wav"
+        soundfile.write(path, samples, 16000, subtype="FLOAT")
+        return clean_transcript(reply([hf_user(path, text=INSTRUCTIONS[task])], [path])[0])
+
+    chirp = load_audio(DATA / "chirp_40s_22k.wav")
+    return {"chirp": [text("transcribe", chirp[:480000], "first"), text("transcribe", chirp[480000:], "second")],
+            "tone": text("translate", load_audio(TONE), "tone")}
+
+
 @pytest.mark.parametrize("fmt", ["json", "text", "srt", "vtt", "verbose_json"])
-def test_transcription_formats(client, fmt):
+def test_transcription_formats(client, fmt, window_oracle):
+    """A 40 s clip is two windows; each segment's text is the oracle's reply on that window alone."""
     with open(DATA / "chirp_40s_22k.wav", "rb") as handle:
         data = handle.read()
     # The 40 s clip is 1.8 MB: under this server's 3 MB body limit.
     result = client.audio.transcriptions.create(model="tiny", file=("chirp.wav", data), response_format=fmt)
+    first, second = window_oracle["chirp"]
+    assert first and second and first != second  # the random model says something, and not the same twice
     if fmt == "json":
-        assert isinstance(result.text, str)
+        assert result.text == f"{first} {second}"
+    elif fmt == "text":
+        assert result == f"{first} {second}"
     elif fmt == "verbose_json":
-        segments = result.segments
-        assert [(s.start, s.end) for s in segments] == [(0.0, 30.0), (30.0, 40.0)]
+        assert [(s.start, s.end, s.text) for s in result.segments] == [(0.0, 30.0, first), (30.0, 40.0, second)]
+        assert result.text == f"{first} {second}" and result.duration == 40.0
     elif fmt == "srt":
-        assert "1\n00:00:00,000 --> 00:00:30,000\n" in result and "00:00:30,000 --> 00:00:40,000" in result
-    elif fmt == "vtt":
-        assert result.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:30.000\n")
+        assert result == (f"1\n00:00:00,000 --> 00:00:30,000\n{first}\n\n"
+                          f"2\n00:00:30,000 --> 00:00:40,000\n{second}\n")
     else:
-        assert isinstance(result, str)
+        assert result == (f"WEBVTT\n\n00:00:00.000 --> 00:00:30.000\n{first}\n\n"
+                          f"00:00:30.000 --> 00:00:40.000\n{second}\n")
 
 
-def test_translation(client):
+def test_translation(client, window_oracle):
     result = client.audio.translations.create(model="tiny", file=("tone.wav", TONE.read_bytes()))
-    assert isinstance(result.text, str)
+    assert result.text == window_oracle["tone"] and result.text
 
 
 def test_models_health_metrics(served, client):
@@ -209,11 +242,10 @@ def test_disconnect_aborts_and_frees_kv_blocks(served):
         for line in response.iter_lines():
             if line.startswith("data: ") and '"content": ""' not in line:
                 break
-    blocks = model.engine.blocks
     deadline = time.time() + 30
-    while blocks.num_free != blocks.num_blocks and time.time() < deadline:
+    while model.engine.stats().kv_usage and time.time() < deadline:
         time.sleep(0.1)
-    assert blocks.num_free == blocks.num_blocks and not model.engine.has_unfinished
+    assert model.engine.stats().kv_usage == 0 and not model.engine.has_unfinished
 
 
 # ----- media policy: what a request may point at -------------------------------------------------
