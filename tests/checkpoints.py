@@ -6,13 +6,44 @@ transformers (the oracle) writes them, so their layout is the reference's, not o
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import pathlib
+import re
 import shutil
 
+import pytest
 import torch
 
 DATA = pathlib.Path(__file__).parent / "data"
+PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def oracle_versions() -> tuple[str, str | None]:
+    """(the transformers version the test extras pin, the installed one or None)."""
+    pin = re.search(r'"transformers==([^"]+)"', PYPROJECT.read_text(encoding="utf-8")).group(1)
+    try:
+        return pin, importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return pin, None
+
+
+_PIN, _INSTALLED = oracle_versions()
+# transformers 5.16 stopped wrapping a bare <|AUDIO|> in <|audio_bos|>/<|audio_eos|> in raw prompts;
+# tests whose expected value comes from that behaviour hold only on the pinned version.
+PINNED_ORACLE = pytest.mark.skipif(
+    _INSTALLED not in (None, _PIN),
+    reason=f"the expected value is transformers {_PIN}'s (its processor wraps a bare <|AUDIO|> in "
+           f"<|audio_bos|>/<|audio_eos|>; 5.16+ does not); transformers {_INSTALLED} is installed",
+)
+_BARE_AUDIO = re.compile(r"(?<!<\|audio_bos\|>)<\|AUDIO\|>")
+ORACLE_IS_PINNED = _INSTALLED is None or _INSTALLED == _PIN
+
+
+def has_bare_audio(prompt: object) -> bool:
+    """Whether a raw prompt holds an <|AUDIO|> without <|audio_bos|> right before it, which the
+    pinned processor wraps and newer ones leave alone (measured with 5.24)."""
+    return isinstance(prompt, str) and bool(_BARE_AUDIO.search(prompt))
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris.",
