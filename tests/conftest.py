@@ -21,6 +21,14 @@ def data_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
+    """The tiny random checkpoint (GQA, seed 1) most suites use, built once per session; read-only."""
+    from checkpoints import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", kv_heads=2, seed=1)
+
+
+@pytest.fixture(scope="session")
 def whisper_oracle():
     transformers = pytest.importorskip("transformers")
     return transformers.WhisperFeatureExtractor(feature_size=128)

@@ -18,7 +18,7 @@ from qwen2audio import cli as command_line
 from qwen2audio import load_audio
 from qwen2audio.transcribe import clean_transcript
 
-from checkpoints import build_checkpoint, greedy_oracle
+from checkpoints import greedy_oracle
 
 DATA = pathlib.Path(__file__).parent / "data"
 SPEECH = DATA / "speech_en_16k.wav"
@@ -27,8 +27,8 @@ TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", seed=1)
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +95,10 @@ def test_run_raw_base_prompt(checkpoint, oracle, main):
     assert result.stdout == oracle(prompt, [TONE])[0] + "\n"
 
 
-def test_chat_several_turns_through_stdin(checkpoint, oracle, tmp_path):
+def test_chat_several_turns_through_stdin(checkpoint, oracle, tmp_path, main):
     saved = tmp_path / "conversation.json"
     script = f"/audio {TONE}\nWhat is it?\nAnd what else?\n/save {saved}\n/reset\nHello\n/exit\n"
-    result = cli("chat", "--model", checkpoint, "--temperature", "0", "--max-new-tokens", TOKENS, "--quiet",
+    result = main("chat", "--model", checkpoint, "--temperature", "0", "--max-new-tokens", TOKENS, "--quiet",
                  stdin=script)
     assert result.returncode == 0, result.stderr
     turn1 = [user({"type": "audio", "audio_url": str(TONE)}, {"type": "text", "text": "What is it?"})]
@@ -186,8 +186,8 @@ def test_errors_exit_2_with_one_line(checkpoint, args, message, main):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_missing_model_exits_2():
-    result = cli("run", "--model", "/nonexistent/model", "--audio", TONE, "--quiet")  # a real process
+def test_missing_model_exits_2(main):
+    result = main("run", "--model", "/nonexistent/model", "--audio", TONE, "--quiet")
     assert result.returncode == 2 and "no such checkpoint directory" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

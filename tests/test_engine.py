@@ -19,14 +19,14 @@ from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import Request, SamplingError, SamplingParams
 from qwen2audio.errors import PromptError
 
-from checkpoints import PINNED_ORACLE, build_checkpoint, has_bare_audio, oracle
+from checkpoints import PINNED_ORACLE, has_bare_audio, oracle
 
 DATA = pathlib.Path(__file__).parent / "data"
 RNG = np.random.default_rng(11)
 SPEECH = load_audio(DATA / "speech_en_16k.wav")
 TONE = load_audio(DATA / "tone_440hz_3s.wav")
 CLIPS = {seconds: (RNG.standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
-         for seconds in (0.5, 3, 4, 7, 9, 12, 15, 30)}
+         for seconds in (0.5, 3, 4, 7, 9, 12, 15, 30, 0.8, 1.2)}
 NEW_TOKENS = 24
 
 
@@ -43,8 +43,8 @@ def text(value):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("engine") / "ckpt", kv_heads=2, seed=1)
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -315,12 +315,13 @@ def test_a_request_that_breaks_a_step_fails_alone(model, monkeypatch):
     assert all_blocks_free(engine)
 
 
-STATIC_ITEMS = [conv(audio(CLIPS[s]), text("Describe it.")) for s in (0.5, 3, 4)]
+STATIC_SECONDS = (0.5, 0.8, 1.2)  # short prompts: the interpreted kernels run a program per token and head
+STATIC_ITEMS = [conv(audio(CLIPS[s]), text("Describe it.")) for s in STATIC_SECONDS]
 
 
 @pytest.fixture(scope="module")
 def static_expected(checkpoint):
-    return oracle_generate(checkpoint, STATIC_ITEMS, [CLIPS[0.5], CLIPS[3], CLIPS[4]])
+    return oracle_generate(checkpoint, STATIC_ITEMS, [CLIPS[s] for s in STATIC_SECONDS])
 
 
 INTERPRETED = pytest.mark.skipif(
@@ -329,12 +330,16 @@ INTERPRETED = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize(("kernels", "max_batch"), [(False, 2), (False, 4), pytest.param(True, 2, marks=INTERPRETED)])
-def test_static_decoder_and_kernels_give_transformers_tokens(checkpoint, model, static_expected, kernels, max_batch):
+@pytest.mark.parametrize(("kernels", "max_batch", "lengths"), [
+    (False, 2, (6, 12, 24)), (False, 4, (6, 12, 24)),
+    pytest.param(True, 2, (3, 6, 10), marks=INTERPRETED),  # shorter: the interpreter is slow
+])
+def test_static_decoder_and_kernels_give_transformers_tokens(checkpoint, model, static_expected, kernels, max_batch,
+                                                             lengths):
     """The fixed-buffer decode path CUDA graphs replay (padded to a bucket, padded rows on the scratch
     block), and the Triton kernels (on the CPU in Triton's interpreter), against the oracle.
 
-    Replies of 6, 12 and 24 tokens shrink the decode batch 3 -> 2 -> 1, so with max_batch 2 the first
+    Replies of three lengths shrink the decode batch 3 -> 2 -> 1, so with max_batch 2 the first
     steps run eagerly and the later ones through buckets 2 and 1; with 4, three rows pad to four."""
     if kernels:  # the backend is chosen when the model is loaded
         model = Qwen2Audio.from_pretrained(checkpoint, progress=False, engine_options=EngineOptions(kernels=True))
@@ -344,11 +349,11 @@ def test_static_decoder_and_kernels_give_transformers_tokens(checkpoint, model, 
     original = engine.runner.static.execute
     engine.runner.static.execute = lambda requests: calls.append(len(requests)) or original(requests)
     ids = [engine.add_request(engine.processor.prepare(item), SamplingParams(max_new_tokens=n, temperature=0))
-           for item, n in zip(STATIC_ITEMS, (6, 12, 24), strict=True)]
+           for item, n in zip(STATIC_ITEMS, lengths, strict=True)]
     tokens = {i: [] for i in ids}
     for output in engine.run(set(ids)):
         tokens[output.request_id].extend(output.token_ids)
-    for request_id, expected, n in zip(ids, static_expected, (6, 12, 24), strict=True):
+    for request_id, expected, n in zip(ids, static_expected, lengths, strict=True):
         assert tokens[request_id] == expected[:n]
     assert set(calls) == ({1, 2} if max_batch == 2 else {1, 2, 3})
     assert all_blocks_free(engine)
@@ -457,3 +462,20 @@ def test_generated_request_ids_never_take_a_callers_id(model):
     generated = [engine.add_request(prompt, SamplingParams(max_new_tokens=1)) for _ in range(6)]
     assert not set(generated) & set(taken) and len(set(generated)) == 6
     assert len(engine.scheduler.requests) == 13
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop re-raises, by design
+def test_the_async_engine_refuses_a_command_it_does_not_know(model):
+    """Commands are typed: one the loop does not know stops it loudly (it used to be ignored), and
+    every waiting stream hears why; a Stop wakes it to finish."""
+    engine = fresh_engine(model)
+    driver = AsyncEngine(engine)
+    try:
+        driver._commands.put(("wake",))  # the old untyped form
+        driver._thread.join(timeout=10)
+        assert not driver.alive and isinstance(driver.error, TypeError) and "wake" in str(driver.error)
+    finally:
+        driver.shutdown()
+    quiet = AsyncEngine(fresh_engine(model))
+    quiet.shutdown(timeout=10)
+    assert not quiet._thread.is_alive() and quiet.error is None

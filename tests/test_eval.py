@@ -25,8 +25,6 @@ from qwen2audio.evaluation import (
     word_error_rate,
 )
 
-from checkpoints import build_checkpoint
-
 
 def test_wer_by_hand():
     # "sat" -> "sit" is one substitution, the second "the" one deletion: 2 errors over 6 words.
@@ -86,8 +84,8 @@ def manifest(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("eval") / "ckpt", seed=1)
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.server.app import ServerOptions, create_app
 
-from checkpoints import build_checkpoint
 from serving import Running
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -26,8 +25,8 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    checkpoint = build_checkpoint(tmp_path_factory.mktemp("web") / "ckpt", seed=1)
+def served(tiny_checkpoint):
+    checkpoint = tiny_checkpoint
     model = Qwen2Audio.from_pretrained(checkpoint, progress=False)
     running = Running(create_app(model, ServerOptions(served_model_name="tiny")))
     yield running, model, checkpoint
