@@ -1,7 +1,8 @@
 """GPU benchmark: our engine against transformers' generate, full Qwen2-Audio-7B architecture.
 
     python bench/gpu.py [--requests 32] [--new-tokens 128] [--output results.json]
-    python bench/gpu.py --tiny --device cpu      # the same logic at toy size (the tests run this)
+    python bench/gpu.py --tiny --device cpu      # the same logic at toy size (the tests run this,
+                                                 # with --clip-seconds 5: transformers' prefill is the cost)
 
 Random weights are built in memory (no files): ours are drawn on the device, then transformers'
 model takes a copy of the very same numbers, so both compute the same function on the same inputs
@@ -185,21 +186,22 @@ def ours_run(ours: Ours, batch: list[np.ndarray], new_tokens: int) -> tuple[floa
     return all_first, total, first_token, [tokens[i] for i in ids]
 
 
-def measure_ours(engine: Ours, requests: int, new_tokens: int, repeats: int) -> Figures:
+def measure_ours(engine: Ours, requests: int, new_tokens: int, repeats: int, seconds: float) -> Figures:
     seed = iter(range(1000, 2000))
-    ours_run(engine, clips(1, 30, next(seed)), 4)  # warm-up: first prefill shapes, kernels
-    ours_run(engine, clips(requests, 30, next(seed)), 4)
-    singles = [ours_run(engine, clips(1, 30, next(seed)), new_tokens) for _ in range(repeats)]
+    ours_run(engine, clips(1, seconds, next(seed)), 4)  # warm-up: first prefill shapes, kernels
+    ours_run(engine, clips(requests, seconds, next(seed)), 4)
+    singles = [ours_run(engine, clips(1, seconds, next(seed)), new_tokens) for _ in range(repeats)]
     ttft = statistics.median(s[2] for s in singles)
     decode_1 = statistics.median((new_tokens - 1) / (s[1] - s[0]) for s in singles)
-    batches = [ours_run(engine, clips(requests, 30, next(seed)), new_tokens) for _ in range(max(1, repeats - 1))]
+    batches = [ours_run(engine, clips(requests, seconds, next(seed)), new_tokens)
+               for _ in range(max(1, repeats - 1))]
     decode_n = statistics.median(requests * (new_tokens - 1) / (b[1] - b[0]) for b in batches)
     e2e_n = statistics.median(requests * new_tokens / b[1] for b in batches)
     return Figures(1000 * ttft, decode_1, decode_n, e2e_n)
 
 
-def profile_ours(ours: Ours, requests: int, directory: pathlib.Path, device: torch.device) -> None:
-    """Kernel tables for the next tuning round, written to ``directory``: one 30 s-clip request's
+def profile_ours(ours: Ours, requests: int, directory: pathlib.Path, device: torch.device, seconds: float) -> None:
+    """Kernel tables for the next tuning round, written to ``directory``: one clip request's
     prefill (features, encoder, prefill, first token), and 12 decode steps of ``requests`` requests
     in steady state. Best effort: a profiler that fails here does not stop the benchmark."""
     from torch.profiler import ProfilerActivity, profile
@@ -210,10 +212,10 @@ def profile_ours(ours: Ours, requests: int, directory: pathlib.Path, device: tor
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with profile(activities=activities) as prefill:
-            ours_run(ours, clips(1, 30, 5000), 1)
+            ours_run(ours, clips(1, seconds, 5000), 1)
         (directory / "profile_prefill.txt").write_text(prefill.key_averages().table(sort_by=sort, row_limit=40))
         engine = ours.engine
-        ids = [ours.submit(clip, params) for clip in clips(requests, 30, 5001)]
+        ids = [ours.submit(clip, params) for clip in clips(requests, seconds, 5001)]
         seen: set[str] = set()
         while len(seen) < len(ids):  # every request past its prefill
             seen.update(output.request_id for output in engine.step())
@@ -280,11 +282,11 @@ def hf_generate(model, inputs: dict, new_tokens: int, device: torch.device) -> H
 
 
 def measure_transformers(model, processor: Processor, requests: int, new_tokens: int, repeats: int,
-                         device: torch.device, dtype: torch.dtype) -> Figures:
+                         device: torch.device, dtype: torch.dtype, seconds: float) -> Figures:
     """Times within each run (a streamer marks the first token), medians over runs."""
     seed = iter(range(1000, 2000))
-    single = hf_inputs(processor, clips(1, 30, next(seed)), device, dtype)
-    batch = hf_inputs(processor, clips(requests, 30, next(seed)), device, dtype)
+    single = hf_inputs(processor, clips(1, seconds, next(seed)), device, dtype)
+    batch = hf_inputs(processor, clips(requests, seconds, next(seed)), device, dtype)
     hf_generate(model, single, 4, device)  # warm-up
     hf_generate(model, batch, 2, device)
     singles = [hf_generate(model, single, new_tokens, device) for _ in range(repeats)]
@@ -352,9 +354,9 @@ def kv_bytes(config: dict, tokens: int, dtype: torch.dtype) -> int:
     return per_token * tokens
 
 
-def print_table(results: dict[str, Figures], requests: int) -> None:
+def print_table(results: dict[str, Figures], requests: int, seconds: float) -> None:
     """One row per figure; a column per run, then each of ours against transformers and the target."""
-    rows = [("time to first token, 30 s clip (ms)", "ttft_ms", True),
+    rows = [(f"time to first token, {seconds:g} s clip (ms)", "ttft_ms", True),
             ("decode, 1 request (tok/s)", "decode_1", False),
             (f"decode phase, {requests} requests (tok/s)", "decode_n", False),
             (f"end to end, {requests} requests (tok/s)", "e2e_n", False)]
@@ -381,6 +383,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clip-seconds", type=float, default=30.0,
+                        help="length of every request's clip (the targets are for 30 s; shorter for quick checks)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--no-fp8-kv", action="store_true", help="skip the run with an fp8 KV cache")
     parser.add_argument("--output", help="write the figures and checks here as JSON")
@@ -398,7 +402,7 @@ class Bench:
         self.report: dict = {
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "requests": args.requests,
-            "new_tokens": args.new_tokens, "tiny": args.tiny,
+            "new_tokens": args.new_tokens, "tiny": args.tiny, "clip_seconds": args.clip_seconds,
         }
         self.results: dict[str, Figures] = {}
         self.report["figures"] = self.results  # saved as it fills
@@ -411,7 +415,7 @@ class Bench:
             static_decode=True,  # the default with CUDA graphs; said here so the CPU check runs that path too
             async_decode=True,  # likewise
         )
-        self.probe = clips(1, 30, 7)[0]
+        self.probe = clips(1, args.clip_seconds, 7)[0]
         with self.section("building the network (random weights, on the device)"):
             self.network = random_network(self.config, self.device, self.dtype)
             self.report["parameters_b"] = sum(p.numel() for p in self.network.parameters()) / 1e9
@@ -450,9 +454,9 @@ class Bench:
                 agree = common_prefix(ours_run(engine, [self.probe], 32)[3][0], self.fast_tokens)
                 self.report[f"{name} vs ours common prefix"] = agree
                 log(f"   greedy tokens agree with the default engine's on the first {agree} of 32")
-            self.results[name] = measure_ours(engine, args.requests, args.new_tokens, args.repeats)
+            self.results[name] = measure_ours(engine, args.requests, args.new_tokens, args.repeats, args.clip_seconds)
             if args.profile_dir and options == self.options:
-                profile_ours(engine, args.requests, pathlib.Path(args.profile_dir), self.device)
+                profile_ours(engine, args.requests, pathlib.Path(args.profile_dir), self.device, args.clip_seconds)
             del engine
             release()
 
@@ -473,13 +477,14 @@ class Bench:
                 f"{report['greedy_common_prefix']} of 32")
         with self.section(f"transformers: 1 request, then {args.requests} at once"):
             self.results["transformers"] = measure_transformers(
-                model, self.processor, args.requests, args.new_tokens, args.repeats, self.device, self.dtype)
+                model, self.processor, args.requests, args.new_tokens, args.repeats, self.device, self.dtype,
+                args.clip_seconds)
 
     def finish(self) -> None:
         report = self.report
         report.update({name: vars(figures) for name, figures in self.results.items()})
         del report["figures"]
-        print_table(self.results, self.args.requests)
+        print_table(self.results, self.args.requests, self.args.clip_seconds)
         shutil.rmtree(self.workdir, ignore_errors=True)
         tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2  # bf16: rounding differs op by op
         report["agree"] = self.args.skip_transformers or report["logits_relative_l2"] < tolerance
