@@ -125,6 +125,7 @@ def test_raw_completion_with_audio(client, oracle):
     assert response.choices[0].text == expected
 
 
+WINDOW_REPLY = 12  # tokens a window's reply may take here (the route's max_completion_tokens; 448 by default)
 INSTRUCTIONS = {  # what the Transcriber asks a chat checkpoint (the tiny checkpoints have a chat template)
     "transcribe": "Transcribe the speech verbatim. Reply with the transcript only, without quotes or any other words.",
     "translate": "Translate the speech into English. Reply with the translation only.",
@@ -133,14 +134,14 @@ INSTRUCTIONS = {  # what the Transcriber asks a chat checkpoint (the tiny checkp
 
 @pytest.fixture(scope="module")
 def window_oracle(checkpoint, tmp_path_factory):
-    """The oracle's cleaned greedy reply (448 tokens at most, the route's limit) to one task on one
-    clip, the clip written out as 16 kHz samples."""
+    """The oracle's cleaned greedy reply (WINDOW_REPLY tokens at most) to one task on one clip, the
+    clip written out as 16 kHz samples."""
     import soundfile
 
     from qwen2audio import load_audio
-    from qwen2audio.transcribe import WINDOW_TOKENS, clean_transcript
+    from qwen2audio.transcribe import clean_transcript
 
-    reply = greedy_oracle(checkpoint, WINDOW_TOKENS)
+    reply = greedy_oracle(checkpoint, WINDOW_REPLY)
     folder = tmp_path_factory.mktemp("windows")
 
     def text(task, samples, name):
@@ -162,7 +163,8 @@ def test_transcription_formats(client, window_oracle):
     formats = ["json", "text", "srt", "vtt", "verbose_json"]
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(formats, pool.map(lambda fmt: client.audio.transcriptions.create(
-            model="tiny", file=("chirp.wav", data), response_format=fmt), formats), strict=True))
+            model="tiny", file=("chirp.wav", data), response_format=fmt,
+            extra_body={"max_completion_tokens": WINDOW_REPLY}), formats), strict=True))
     first, second = window_oracle["chirp"]
     assert first and second and first != second  # the random model says something, and not the same twice
     assert results["json"].text == f"{first} {second}"
@@ -176,8 +178,17 @@ def test_transcription_formats(client, window_oracle):
                               f"00:00:30.000 --> 00:00:40.000\n{second}\n")
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_transcription_rejects_a_bad_max_completion_tokens(served, value):
+    response = httpx.post(served[0].url + "/v1/audio/transcriptions", headers={"authorization": f"Bearer {KEY}"},
+                          files={"file": ("tone.wav", TONE.read_bytes())},
+                          data={"model": "tiny", "max_completion_tokens": value}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_completion_tokens"
+
+
 def test_translation(client, window_oracle):
-    result = client.audio.translations.create(model="tiny", file=("tone.wav", TONE.read_bytes()))
+    result = client.audio.translations.create(model="tiny", file=("tone.wav", TONE.read_bytes()),
+                                              extra_body={"max_completion_tokens": WINDOW_REPLY})
     assert result.text == window_oracle["tone"] and result.text
 
 

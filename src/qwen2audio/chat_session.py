@@ -6,9 +6,12 @@ to the model only through Qwen2Audio.chat, so every turn is an ordinary engine r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from qwen2audio.api import Qwen2Audio
@@ -94,12 +97,14 @@ class ChatSession:
         user = user_message(self.pending_audio, text)
         stream = self.model.chat([*self.messages, user], stream=True, **self.sampling)
         reply: list[str] = []
-        try:
+        with _ctrl_c_stops() as stopped:
             for delta in stream:
                 reply.append(delta)
                 stdout.write(delta)
                 stdout.flush()
-        except KeyboardInterrupt:
+                if stopped.is_set():
+                    break
+        if stopped.is_set():
             stream.close()  # aborts the request and frees its cache blocks
             stdout.write(" [stopped]")
         stdout.write("\n")
@@ -112,3 +117,26 @@ class ChatSession:
             path.write_text(json.dumps(self.messages, ensure_ascii=False, indent=2), encoding="utf-8")
         except OSError as exc:
             raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops() -> Iterator[threading.Event]:
+    """Ctrl-C sets the event instead of raising: a KeyboardInterrupt could land anywhere inside an
+    engine step and leave its bookkeeping half done, so the reply loop checks the event between
+    deltas and stops there; a second Ctrl-C interrupts at once. (Outside the main thread, where no
+    handler can be set, Ctrl-C is left alone.)"""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stopped.is_set():
+            signal.default_int_handler(signum, frame)
+        stopped.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)

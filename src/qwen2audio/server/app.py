@@ -33,7 +33,7 @@ from qwen2audio.engine.scheduler import EngineStats
 from qwen2audio.errors import InputError
 from qwen2audio.server.media import MediaPolicy, resolve_messages
 from qwen2audio.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
-from qwen2audio.transcribe import Transcriber
+from qwen2audio.transcribe import WINDOW_TOKENS, Transcriber
 
 logger = logging.getLogger(__name__)
 STATIC = pathlib.Path(__file__).parent / "static"  # the voice-chat page: plain HTML/CSS/JS, no build step
@@ -249,7 +249,8 @@ async def _transcription(request: Request, task: str) -> Response:
         raise APIError(400, f"response_format {fmt!r} is not one of json, text, srt, vtt, verbose_json",
                        param="response_format")
     language = form.get("language") or None
-    transcriber = Transcriber(server.model, language=language if task == "transcribe" else None, task=task)
+    transcriber = Transcriber(server.model, language=language if task == "transcribe" else None, task=task,
+                              max_new_tokens=_form_int(form, "max_completion_tokens", WINDOW_TOKENS))
     samples = await asyncio.to_thread(load_audio, data)
     transcript, prompts = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
     with server.admitted(len(prompts)):
@@ -264,6 +265,20 @@ async def _transcription(request: Request, task: str) -> Response:
                          "text": transcript.text,
                          "segments": [{"id": i, "start": s.start, "end": s.end, "text": s.text}
                                       for i, s in enumerate(transcript.segments)]})
+
+
+def _form_int(form: Any, name: str, default: int) -> int:
+    """A positive integer form field (absent: ``default``)."""
+    value = form.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise APIError(400, f"{name} must be a positive integer, not {str(value)[:40]!r}", param=name)
+    return number
 
 
 def _resolve_sources(parts: list[dict[str, Any]], policy: MediaPolicy) -> list[Any]:
