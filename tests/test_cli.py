@@ -10,6 +10,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -201,7 +202,6 @@ def test_help_has_examples(command, main):
 def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint):
     import signal
     import threading
-    import time
 
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     process = subprocess.Popen(
@@ -230,3 +230,63 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint):
     assert process.wait(timeout=120) == 0
     reader.join(timeout=10)
     assert b" [stopped]\n" in received
+
+
+def one_line_usage_error(result, fragment):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qwen2audio") and fragment in lines[0], result.stderr
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if the model is loaded: these errors must come before that."""
+    from qwen2audio.api import Qwen2Audio
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(Qwen2Audio, "from_pretrained", refuse)
+
+
+def test_serve_help_lists_the_vllm_flags_with_their_defaults(main):
+    result = main("serve", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for fragment in ("MODEL", "--max-model-len", "--gpu-memory-utilization", "(default: 0.9)", "--max-num-seqs",
+                     "(default: 256)", "--max-num-batched-tokens", "(default: 16384)", "--kv-cache-memory-bytes",
+                     "--seed", "--chat-template", "--limit-mm-per-prompt", "--enable-prefix-caching",
+                     "--no-enable-prefix-caching", "--uvicorn-log-level", "--served-model-name",
+                     "--disable-log-requests", "--port", "(default: 8000)", "(default: 127.0.0.1)"):
+        assert fragment in text, fragment
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 is not supported: the 8.4 B model fits one GPU"),
+        (["-pp", "2"], "--pipeline-parallel-size 2 is not supported"),
+        (["--port", "70000"], "port 70000 is out of range (1-65535)"),
+        (["--port", "http"], "'http' is not an integer"),
+        (["--gpu-memory-utilization", "1.5"], "1.5 is not in (0, 1]"),
+        (["--limit-mm-per-prompt", '{"image": 1}'], "Qwen2-Audio takes audio only"),
+        (["--limit-mm-per-prompt", "audio=2"], "is not JSON"),
+        (["--chat-template", "/nonexistent/template.jinja"], "--chat-template /nonexistent/template.jinja: cannot"),
+        (["--model", "/other/model"], "two models given"),
+    ],
+)
+def test_serve_refuses_bad_flags_in_one_line_before_loading(main, no_model_loading, checkpoint, args, fragment):
+    one_line_usage_error(main("serve", checkpoint, *args), fragment)
+
+
+def test_serve_reports_a_port_in_use_before_loading(main, no_model_loading, checkpoint):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.perf_counter()
+        one_line_usage_error(main("serve", checkpoint, "--port", port), f"cannot listen on 127.0.0.1:{port}: in use")
+        assert time.perf_counter() - started < 2.0
+    one_line_usage_error(main("serve"), "give the model: qwen2audio serve MODEL")

@@ -105,7 +105,7 @@ def test_the_model_depends_on_nothing_above_it(name):
 
 def test_the_cli_goes_through_the_public_api():
     allowed = {"qwen2audio", "qwen2audio.errors", "qwen2audio.chat_session", "qwen2audio.transcribe",
-               "qwen2audio.evaluation", "qwen2audio.server.app", "qwen2audio.server.media"}
+               "qwen2audio.evaluation", "qwen2audio.server.launch"}
     assert imports_of("qwen2audio.cli") <= allowed, sorted(imports_of("qwen2audio.cli") - allowed)
 
 

@@ -341,16 +341,21 @@ def test_remote_audio_is_off_by_default():
         policy.resolve(AudioPart("file:///tmp/a.wav", "messages[0].content[0]", "url"))
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0(checkpoint):
+def test_serve_with_vllm_flags_logs_its_setup_and_drains_on_sigterm(checkpoint):
+    """`qwen2audio serve MODEL` as vLLM users start it: the flags take effect, startup logs what was
+    built, /health answers once ready, and SIGTERM lets the in-flight stream finish, then exits 0."""
     import signal
     import subprocess
     import sys
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "qwen2audio.cli", "serve", "--model", str(checkpoint), "--port", str(port),
-         "--served-model-name", "tiny", "--quiet", "--shutdown-timeout", "60"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "qwen2audio.cli", "serve", str(checkpoint), "--port", str(port),
+         "--served-model-name", "tiny", "tiny-alias", "--max-model-len", "512", "--max-num-seqs", "8",
+         "--kv-cache-memory-bytes", str(2**24), "--limit-mm-per-prompt", '{"audio": 1}', "--seed", "0",
+         "--no-enable-prefix-caching", "--uvicorn-log-level", "warning", "--disable-log-requests", "--quiet",
+         "--shutdown-timeout", "60"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -361,6 +366,12 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(checkpoint):
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
+        cards = httpx.get(f"{url}/v1/models").json()["data"]
+        assert [c["id"] for c in cards] == ["tiny", "tiny-alias"] and {c["max_model_len"] for c in cards} == {512}
+        two_clips = {"model": "tiny-alias", "messages": [{"role": "user", "content": [input_audio(TONE)] * 2}]}
+        assert "at most 1" in httpx.post(f"{url}/v1/chat/completions", json=two_clips).json()["error"]["message"]
+        too_long = {"model": "tiny", "prompt": "Hello", "max_tokens": 600}
+        assert "maximum context length is 512" in httpx.post(f"{url}/v1/completions", json=too_long).text
         body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 300, "temperature": 0,
                            "min_tokens": 300, "messages": [{"role": "user", "content": [input_audio(TONE)]}]})
         lines = []
@@ -374,6 +385,10 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(checkpoint):
         assert payloads[-1] == "[DONE]"
         assert json.loads(payloads[-2])["choices"][0]["finish_reason"] == "length"
         assert process.wait(timeout=60) == 0
+        log = process.stderr.read()
+        for fragment in ("model " + str(checkpoint), "KV cache: ", f"{2**24 // (2 * 2 * 16 * 2 * 16 * 4) - 1} blocks",
+                         "max context 512 tokens", f"serving on http://127.0.0.1:{port} (models: tiny, tiny-alias)"):
+            assert fragment in log, log
     finally:
         if process.poll() is None:
             process.kill()

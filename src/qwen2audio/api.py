@@ -214,6 +214,9 @@ class Qwen2Audio:
         prepare_network(network)
         logger.info("loaded %s in %.1f s (%s, %s, %s)", directory, time.perf_counter() - started, target, torch_dtype,
                     backend.name)
+        if options.max_model_len is not None:  # the processor refuses over-long prompts first
+            limit = min(options.max_model_len, config.text.max_position_embeddings)
+            processor_options["max_context"] = min(processor_options.get("max_context") or limit, limit)
         processor = Processor.from_pretrained(directory, **processor_options)
         if processor.audio_id != config.audio_token_id:
             raise CheckpointError(

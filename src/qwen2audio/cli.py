@@ -38,8 +38,9 @@ example:
   qwen2audio transcribe --model ./Qwen2-Audio-7B recordings/ --format srt --output-dir subs/
   qwen2audio transcribe --model ./Qwen2-Audio-7B interview.mp3 --language fr --task translate""",
     "serve": """examples:
-  qwen2audio serve --model ./Qwen2-Audio-7B-Instruct --port 8000
-  qwen2audio serve --model ./Qwen2-Audio-7B-Instruct --api-key secret --allow-remote-audio""",
+  qwen2audio serve ./Qwen2-Audio-7B-Instruct --port 8000
+  qwen2audio serve Qwen/Qwen2-Audio-7B-Instruct --served-model-name qwen2-audio --max-model-len 8192 \\
+      --limit-mm-per-prompt '{"audio": 4}' --api-key secret --allow-remote-audio""",
     "eval": """examples:
   qwen2audio eval --model ./Qwen2-Audio-7B --task librispeech-test-clean --data LibriSpeech/test-clean
   qwen2audio eval --model ./Qwen2-Audio-7B --task meld --data meld_test.jsonl --output meld.json
@@ -132,31 +133,9 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible server; SIGTERM stops accepting and lets in-flight requests finish."""
-    import os
-    import pathlib
-    import signal
+    from qwen2audio.server.launch import serve
 
-    import uvicorn
-
-    from qwen2audio.server.app import ServerOptions, create_app
-    from qwen2audio.server.media import MediaPolicy
-
-    root = args.allowed_local_media_path
-    if root is not None and not pathlib.Path(root).is_dir():
-        raise InputError(f"--allowed-local-media-path {root}: not a directory")
-    media = MediaPolicy(allow_remote=args.allow_remote_audio,
-                        allowed_hosts=frozenset(h.lower() for h in args.allowed_host),
-                        local_root=pathlib.Path(root) if root else None)
-    options = ServerOptions(served_model_name=args.served_model_name or args.model,
-                            api_key=args.api_key or os.environ.get("QWEN2AUDIO_API_KEY"), media=media,
-                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pending=args.max_pending)
-    app = create_app(_load_model(args), options)
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises it through the handler it found:
-    # a no-op one makes a drained shutdown exit 0, as process managers expect.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
-                log_level="debug" if args.verbose else "info")
-    return 0
+    return serve(args)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -218,13 +197,31 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed for sampling")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (what was wrong, and where to look), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and every option's default shown where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS, []) and "%(default)" not in text \
+                and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen2audio", description="Qwen2-Audio: audio + text in, text out.")
+    parser = _Parser(prog="qwen2audio", description="Qwen2-Audio: audio + text in, text out.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=_Help)
 
     run = command("run", "one turn: audio only (voice chat), audio + prompt (analysis), or --raw")
     _common(run)
@@ -254,20 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.set_defaults(handler=_cmd_transcribe)
 
     serve = command("serve", "OpenAI-compatible HTTP server (chat, completions, audio transcriptions)")
-    _common(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QWEN2AUDIO_API_KEY)")
-    serve.add_argument("--served-model-name", help="the model id clients use (default: --model)")
-    serve.add_argument("--allowed-local-media-path", help="allow file:// audio URLs inside this directory")
-    serve.add_argument("--allow-remote-audio", action="store_true",
-                       help="allow http(s) audio URLs (private, loopback and link-local addresses stay refused)")
-    serve.add_argument("--allowed-host", action="append", default=[],
-                       help="a host that remote audio may come from even if it is private (repeatable)")
-    serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body (default 25)")
-    serve.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="seconds in-flight requests get after SIGTERM")
+    _common(serve, model=False)
+    from qwen2audio.server.launch import add_arguments
+
+    add_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
 
     from qwen2audio.evaluation import TASKS

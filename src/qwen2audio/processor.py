@@ -88,14 +88,18 @@ class Processor:
         return token_id
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **options: Any) -> Processor:
-        """Read a checkpoint directory (or hub id) without loading weights."""
+    def from_pretrained(cls, name_or_path: str | os.PathLike, chat_template: str | None = None,
+                        **options: Any) -> Processor:
+        """Read a checkpoint directory (or hub id) without loading weights. ``chat_template``: Jinja
+        source to use instead of the checkpoint's; ``max_context`` (an option) defaults to the model's."""
         directory = resolve_checkpoint(name_or_path, allow_patterns=PROCESSOR_FILES)
         tokenizer = Tokenizer.from_dir(directory)
-        template = ChatTemplate(load_chat_template(directory, tokenizer.config), _template_tokens(tokenizer))
+        source = chat_template if chat_template is not None else load_chat_template(directory, tokenizer.config)
+        template = ChatTemplate(source, _template_tokens(tokenizer))
         feature_config = FeatureConfig.from_dict(_feature_settings(directory))
         features = FeatureExtractor(feature_config)
-        options.setdefault("max_context", _max_context(directory, tokenizer))
+        if options.get("max_context") is None:
+            options["max_context"] = _max_context(directory, tokenizer)
         return cls(tokenizer, template, features, **options)
 
     def __call__(
@@ -141,6 +145,7 @@ class Processor:
             raise PromptError(
                 f"a prompt must be a conversation (list of messages) or a string, not {type(item).__name__}"
             )
+        self._check_length(text)
         samples = [self._load(source, where) for source, where in sources]
         counts = [self.feature_extractor.token_count(s) for s in samples]
         ids, placements = expand_audio_tokens(
@@ -152,6 +157,16 @@ class Processor:
         # here, and it is on the time-to-first-token path. The buffer is hashed in place (no copy).
         digests = [hashlib.sha256(np.ascontiguousarray(s).data).hexdigest()[:32] for s in samples]
         return Prompt(ids, samples, [p.offset for p in placements], digests, [p.length for p in placements])
+
+    def _check_length(self, text: str) -> None:
+        """Refuse a text that cannot fit the context before tokenizing it (megabytes of text would
+        take seconds): it has at least len(text) / max_token_bytes tokens."""
+        if self.max_context is None:
+            return
+        at_least = -(-len(text) // self.tokenizer.max_token_bytes)
+        if at_least > self.max_context:
+            raise PromptError(f"the prompt is {len(text)} characters, at least {at_least} tokens: more than the "
+                              f"model's context of {self.max_context}")
 
     def _load(self, source: Any, where: str) -> np.ndarray:
         try:

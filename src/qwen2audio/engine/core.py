@@ -47,7 +47,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig(frozenset({tokenizer.eos_id}))
         self.options = options
-        self.max_context = network.config.text.max_position_embeddings
+        self.max_context = min(network.config.text.max_position_embeddings, options.max_model_len or 2**62)
         self.runner = ModelRunner(network, features, options)
         blocks = BlockManager(self.runner.num_blocks, options.block_size, options.enable_prefix_cache)
         self.scheduler = Scheduler(blocks, options.max_batch_tokens, options.max_running)
@@ -59,6 +59,8 @@ class Engine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a prepared prompt; returns its id. An over-long prompt or one that can never fit raises here."""
         params = (params or SamplingParams()).with_defaults(self.generation)
+        if not prompt.num_tokens:
+            raise PromptError("the prompt is empty: it needs at least one token")
         if prompt.num_tokens >= self.max_context:
             raise PromptError(f"the prompt is {prompt.num_tokens} tokens; the model's context is {self.max_context}")
         request = Request(

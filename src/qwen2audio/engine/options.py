@@ -20,6 +20,8 @@ class EngineOptions:
     kv_cache_bytes: int | None = None
     max_batch_tokens: int = 16384
     max_running: int = 256
+    max_model_len: int | None = None  # the longest prompt + reply (None: the model's max_position_embeddings)
+    memory_fraction: float = 0.9  # GPU: the share of device memory weights, activations and KV cache may take
     enable_prefix_cache: bool = True
     encoder_cache_bytes: int = 512 * 2**20
     seed: int = 0

@@ -110,7 +110,8 @@ class SamplingParams:
             (self.repetition_penalty is None or self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
+            (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
+             "seed must be an integer in [-2**63, 2**64)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -87,7 +87,8 @@ class ModelRunner:
         if budget is None:
             reserve = activation_reserve(self.network, options.max_batch_tokens, options.max_running)
             budget = default_kv_budget(self.device, per_block // self.block_size,
-                                       self.network.config.text.max_position_embeddings, reserve)
+                                       self.network.config.text.max_position_embeddings, reserve,
+                                       options.memory_fraction)
         blocks = max(budget // per_block - 1, 1)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.block_size,
                     blocks * per_block / 2**30)

@@ -77,7 +77,10 @@ class MediaPolicy:
     def _local(self, url: str, where: str) -> str:
         if self.local_root is None:
             raise AudioError(f"{where}: file:// URLs are disabled on this server (--allowed-local-media-path)")
-        path = pathlib.Path(os.path.realpath(urllib.request.url2pathname(urllib.parse.urlsplit(url).path)))
+        name = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+        if "\x00" in name:
+            raise AudioError(f"{where}: a file:// URL may not hold a NUL byte")
+        path = pathlib.Path(os.path.realpath(name))
         root = pathlib.Path(os.path.realpath(self.local_root))
         if not path.is_relative_to(root):
             raise AudioError(f"{where}: {url} is outside the allowed media directory")
@@ -98,6 +101,11 @@ def _base64_bytes(text: str, where: str) -> bytes:
     if not data:
         raise AudioError(f"{where}: audio data is empty")
     return data
+
+
+def count_audio_parts(messages: list[dict[str, Any]]) -> int:
+    """How many audio clips a conversation holds, counted before any is fetched or decoded."""
+    return len(normalize_messages(messages)[1])
 
 
 def resolve_messages(messages: list[dict[str, Any]], policy: MediaPolicy) -> list[dict[str, Any]]:

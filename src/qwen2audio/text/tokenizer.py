@@ -7,6 +7,7 @@ turning ids back into text; it must not know about chat templates or audio.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import pathlib
 from collections.abc import Iterable, Sequence
@@ -45,6 +46,7 @@ def _byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _byte_decoder()
+_LONG_TEXT = 16384  # characters past which encode() uses the GIL-releasing batch call
 
 
 class Tokenizer:
@@ -92,7 +94,11 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``. Long texts go through the batch call, which releases the GIL while
+        it works (a plain encode holds it: 14 MB held a server's event loop for 18 s)."""
         try:
+            if len(text) > _LONG_TEXT:
+                return self._backend.encode_batch([text], add_special_tokens=False)[0].ids
             return self._backend.encode(text, add_special_tokens=False).ids
         except TypeError:
             _check_encodable(text)
@@ -119,6 +125,14 @@ class Tokenizer:
             cached = bytes(_BYTE_DECODER.get(ch, 0) for ch in token)
             self._token_bytes[token_id] = cached
         return cached
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of n characters has at least n / this many
+        tokens, a bound that refuses a far too long prompt without tokenizing it."""
+        vocab = self._backend.get_vocab(with_added_tokens=True)  # byte-level names: a character per byte
+        return max((len(self.token_bytes(i)) if i in self._added_bytes else len(name) for name, i in vocab.items()),
+                   default=1)
 
     @property
     def vocab_size(self) -> int:

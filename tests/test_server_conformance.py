@@ -1,0 +1,396 @@
+"""The server as OpenAI clients and hostile traffic meet it: OpenAI's rules (the API reference first,
+vLLM's behaviour where it is silent), no 5xx for anything a client sends, an event loop that never
+blocks, and work that stops when its client leaves. A real server on 127.0.0.1, the openai SDK and
+raw httpx."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pathlib
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qwen2audio.api import Qwen2Audio
+from qwen2audio.server.app import ServerOptions, create_app
+from qwen2audio.server.media import MediaPolicy
+
+from serving import Running
+
+DATA = pathlib.Path(__file__).parent / "data"
+TONE = DATA / "tone_440hz_3s.wav"
+BODY_LIMIT = 24 * 2**20
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint, tmp_path_factory):
+    model = Qwen2Audio.from_pretrained(tiny_checkpoint, progress=False)
+    media = MediaPolicy(local_root=tmp_path_factory.mktemp("media"))
+    options = ServerOptions(served_model_name=("tiny", "tiny-alias"), max_body_bytes=BODY_LIMIT, max_pending=64,
+                            max_audios=2, media=media, log_requests=False)
+    running = Running(create_app(model, options))
+    yield running, model
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="token-abc123", max_retries=0)
+
+
+def post(served, path, body, content_type="application/json", client=None, timeout=120.0):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return (client or httpx).post(served[0].url + path, content=data, headers={"content-type": content_type},
+                                  timeout=timeout)
+
+
+def assert_openai_error(response, status, fragment=""):
+    assert response.status_code == status, response.text[:500]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"], error
+
+
+def b64(path):
+    return base64.b64encode(pathlib.Path(path).read_bytes()).decode()
+
+
+def audio_part():
+    return {"type": "input_audio", "input_audio": {"data": b64(TONE), "format": "wav"}}
+
+
+def chat(**extra):
+    return {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
+
+
+def wait_idle(model, seconds=20.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        stats = model.engine.stats()
+        if not stats.running and not stats.waiting and stats.kv_usage == 0:
+            return stats
+        time.sleep(0.05)
+    return model.engine.stats()
+
+
+# ----- errors in OpenAI's shape ------------------------------------------------------------------
+
+
+def test_unknown_routes_and_methods_are_openai_errors(served):
+    assert_openai_error(httpx.get(served[0].url + "/v1/nope"), 404, "Invalid URL (GET /v1/nope)")
+    assert_openai_error(httpx.post(served[0].url + "/nowhere", content=b"{}"), 404, "Invalid URL")
+    assert_openai_error(httpx.get(served[0].url + "/v1/chat/completions"), 405, "not allowed")
+
+
+def test_deeply_nested_json_is_a_400_and_the_connection_stays_open(served):
+    with httpx.Client() as connection:
+        deep = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        assert_openai_error(post(served, "/v1/chat/completions", deep, client=connection), 400, "nests deeper")
+        nested: list = []
+        for _ in range(70):  # parses, but nests past the limit
+            nested = [nested]
+        nested = {"model": "tiny", "messages": [{"role": "user", "content": "x", "extra": nested}]}
+        assert_openai_error(post(served, "/v1/chat/completions", nested, client=connection), 400, "nests deeper")
+        again = post(served, "/v1/chat/completions", chat(), client=connection)  # the same keep-alive connection
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_json_routes_take_json_only(served, content_type):
+    assert_openai_error(post(served, "/v1/chat/completions", chat(), content_type), 400, "only 'application/json'")
+    assert post(served, "/v1/chat/completions", chat(), "application/json; charset=utf-8").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fragment"),
+    [
+        ("/v1/completions", {"model": "tiny", "prompt": "", "max_tokens": 2}, "empty"),
+        ("/v1/completions", {"model": "tiny", "prompt": [], "max_tokens": 2}, "empty list"),
+        ("/v1/completions", {"model": "tiny", "prompt": [10**9], "max_tokens": 2}, "outside the vocabulary"),
+        ("/v1/chat/completions", chat(seed=2**64), "seed"),
+        ("/v1/chat/completions", chat(seed=-(2**63) - 1), "seed"),
+        ("/v1/chat/completions", chat(stream_options={"include_usage": True}), "only allowed when stream"),
+        ("/v1/chat/completions", chat(top_logprobs=2), "top_logprobs needs logprobs"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
+            {"type": "audio_url", "audio_url": {"url": "file:///etc/pass\u0000wd"}}]}]), "NUL"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
+            {"type": "audio_url", "audio_url": "data:audio/wav;base64,AAAA"}]}]), "audio_url must be an object"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [audio_part()] * 3}]), "at most 2"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/chat/completions", chat(stop=["x"] * 17), "stop"),
+        ("/v1/chat/completions", chat(max_tokens=10**12), "maximum context length is 4096 tokens"),
+    ],
+)
+def test_bad_requests_are_400s(served, path, body, fragment):
+    assert_openai_error(post(served, path, body), 400, fragment)
+
+
+def test_the_largest_seeds_work(client):
+    for seed in (2**63 - 1, -(2**63)):
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=2, seed=seed, temperature=1.0, n=2)
+        assert len(reply.choices) == 2
+
+
+def test_a_prompt_and_max_tokens_past_the_context_name_both_numbers(served, client):
+    prompt = client.completions.create(model="tiny", prompt="Hello there", max_tokens=1).usage.prompt_tokens
+    response = post(served, "/v1/completions", {"model": "tiny", "prompt": "Hello there", "max_tokens": 4095})
+    assert_openai_error(response, 400, f"you requested {prompt + 4095} tokens ({prompt} in the prompt, 4095 in the")
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    fits = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4096 - prompt, temperature=0)
+    assert fits.usage.completion_tokens >= 1
+
+
+def test_a_far_too_long_prompt_is_refused_without_tokenizing_it(served):
+    started = time.perf_counter()
+    response = post(served, "/v1/completions", {"model": "tiny", "prompt": "word " * 3_000_000, "max_tokens": 2})
+    assert_openai_error(response, 400, "more than the model's context of 4096")
+    assert time.perf_counter() - started < 3.0  # tokenizing 15 MB would take many seconds
+
+
+def test_the_model_name_is_checked_on_every_route(served, client):
+    for call in (lambda: client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}]),
+                 lambda: client.completions.create(model="gpt-4", prompt="Hi"),
+                 lambda: client.audio.transcriptions.create(model="gpt-4", file=("t.wav", TONE.read_bytes())),
+                 lambda: client.audio.translations.create(model="gpt-4", file=("t.wav", TONE.read_bytes()))):
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            call()
+    alias = client.chat.completions.create(model="tiny-alias", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=2)
+    assert alias.model == "tiny"
+    cards = client.models.list().data
+    assert [c.id for c in cards] == ["tiny", "tiny-alias"] and all(c.max_model_len == 4096 for c in cards)
+
+
+# ----- OpenAI's completions and logprobs -----------------------------------------------------------
+
+
+def test_token_id_prompts_and_lists_of_prompts(served, client):
+    ids = served[1].processor.tokenizer.encode("Hello there, friend")
+    by_text = client.completions.create(model="tiny", prompt="Hello there, friend", max_tokens=5, temperature=0)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage == by_text.usage
+    batch = client.completions.create(model="tiny", prompt=["Hello there, friend", ids], n=2, max_tokens=5,
+                                      temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert {c.text for c in batch.choices} == {by_text.choices[0].text}
+    assert batch.usage.prompt_tokens == 2 * len(ids) and batch.usage.completion_tokens == 4 * 5
+    assert batch.usage.total_tokens == batch.usage.prompt_tokens + batch.usage.completion_tokens
+    texts = ["", ""]
+    for chunk in client.completions.create(model="tiny", prompt=["Hello there, friend", ids], max_tokens=5,
+                                           temperature=0, stream=True):
+        assert len(chunk.choices) == 1
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [by_text.choices[0].text] * 2
+    echoed = client.completions.create(model="tiny", prompt="Hello there, friend", max_tokens=5, temperature=0,
+                                       echo=True)
+    assert echoed.choices[0].text == "Hello there, friend" + by_text.choices[0].text
+
+
+def test_logprobs_zero_still_gives_the_sampled_tokens_logprob(client):
+    text = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=0)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
+    assert all(v <= 0 for v in lp.token_logprobs) and all(entry == {} for entry in lp.top_logprobs)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                           temperature=0, logprobs=True, top_logprobs=0)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 4 and all(e.logprob <= 0 and e.top_logprobs == [] for e in content)
+
+
+def test_alternatives_are_never_merged_and_bytes_rebuild_the_text(client):
+    text = client.completions.create(model="tiny", prompt="今天天气 emoji 😀", max_tokens=12, temperature=0,
+                                     logprobs=5)
+    assert all(len(entry) == 5 for entry in text.choices[0].logprobs.top_logprobs)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "日本語 😀🎉"}],
+                                           max_tokens=12, temperature=0, logprobs=True, top_logprobs=5)
+    content = reply.choices[0].logprobs.content
+    assert all(len({t.token for t in e.top_logprobs}) == 5 for e in content)
+    rebuilt = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+    assert rebuilt == reply.choices[0].message.content
+
+
+def test_token_names_and_bytes_inside_multibyte_characters():
+    """The real vocabulary splits some characters over tokens: those tokens are named by their
+    bytes (so none collide), and their bytes join into the character."""
+    from qwen2audio.server.responses import format_logprobs, token_text
+    from qwen2audio.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(DATA / "qwen2-tokenizer")
+    ids = tokenizer.encode("𝄞 the G clef, 🎉")  # rare characters: byte-level pieces
+    names = [token_text(tokenizer, i) for i in ids]
+    partial = [name for name, _ in names if name.startswith("bytes:")]
+    assert partial and all(name.startswith("bytes:\\x") for name in partial)
+    assert b"".join(bytes(raw) for _, raw in names).decode("utf-8") == "𝄞 the G clef, 🎉"
+    entries = [{"token_id": i, "logprob": -1.0, "top": [(i, -1.0), *[(j, -2.0) for j in ids if j != i][:3]]}
+               for i in ids]
+    legacy = format_logprobs(tokenizer, entries, chat=False)
+    assert [len(top) for top in legacy["top_logprobs"]] == [len({i, *[j for j in ids if j != i][:3]}) for i in ids]
+
+
+def test_streaming_chat_puts_the_finish_reason_on_the_last_chunk_only(client):
+    messages = [{"role": "user", "content": [audio_part(), {"type": "text", "text": "What is it?"}]}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10,
+                                                 temperature=0, stream=True))
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason] and chunks[-1].choices[0].finish_reason
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert whole.usage == openai.types.CompletionUsage(completion_tokens=10, prompt_tokens=whole.usage.prompt_tokens,
+                                                       total_tokens=whole.usage.prompt_tokens + 10)
+
+
+# ----- clients that leave, metrics, hostile traffic -------------------------------------------------
+
+
+def test_a_non_streamed_request_whose_client_leaves_is_aborted(served):
+    model = served[1]
+    host, port = "127.0.0.1", served[0].port
+    body = json.dumps(chat(max_tokens=3000, min_tokens=3000, temperature=0)).encode()
+    before = aborted_count(served)
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 20
+        while not model.engine.stats().running and time.time() < deadline:
+            time.sleep(0.01)
+        assert model.engine.stats().running == 1
+    started = time.time()
+    stats = wait_idle(model, 5.0)
+    assert stats.running == 0 and stats.kv_usage == 0, stats
+    assert time.time() - started < 2.0  # a few steps, not the 3000 tokens
+    assert aborted_count(served) == before + 1
+
+
+def aborted_count(served) -> float:
+    for line in httpx.get(served[0].url + "/metrics").text.splitlines():
+        if line.startswith("qwen2audio_requests_aborted_total "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_request_metrics_are_labelled_by_route_not_by_path(served):
+    for k in range(100):
+        httpx.get(f"{served[0].url}/v1/unknown-{k}?x=<script>")
+    text = httpx.get(served[0].url + "/metrics").text
+    assert "unknown-" not in text and "<script>" not in text
+    routes = {line.split('route="')[1].split('"')[0] for line in text.splitlines()
+              if line.startswith("qwen2audio_requests_total{")}
+    assert routes <= {"unmatched", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+                      "/v1/audio/transcriptions", "/v1/audio/translations", "/", "/static", "/favicon.ico"}
+    assert 'route="unmatched",status="404"' in text
+
+
+HOSTILE = [
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json"),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "word " * 3_000_000}).encode(), "application/json"),
+    ("/v1/chat/completions", json.dumps(chat()).encode(), "text/plain"),
+    ("/v1/chat/completions", json.dumps(chat(seed=2**70)).encode(), "application/json"),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": ""}).encode(), "application/json"),
+    ("/v1/chat/completions", json.dumps(chat(messages=[{"role": "user", "content": [
+        {"type": "audio_url", "audio_url": {"url": "file:///a\u0000b"}}]}])).encode(), "application/json"),
+    ("/v1/chat/completions", b"\xff\xfe not json", "application/json"),
+    ("/v1/nope", b"{}", "application/json"),
+    ("/v1/chat/completions", json.dumps(chat(max_tokens=10**9)).encode(), "application/json"),
+]
+
+
+def test_hostile_traffic_gets_4xx_while_health_stays_fast(served):
+    """Each hostile request, four times over, from eight threads, while /health is timed every 20 ms;
+    a few clients also leave mid-request. Afterwards nothing runs and no KV block is held."""
+    model = served[1]
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe():
+        with httpx.Client() as connection:
+            while not stop.is_set():
+                started = time.perf_counter()
+                assert connection.get(served[0].url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.02)
+
+    def hostile(case):
+        path, body, content_type = case
+        response = post(served, path, body, content_type)
+        return response.status_code, response.json()
+
+    def leave(_):
+        try:
+            post(served, "/v1/chat/completions", chat(max_tokens=3000, min_tokens=3000), timeout=0.3)
+        except httpx.TimeoutException:
+            return "left"
+        return "finished"
+
+    watcher = threading.Thread(target=probe)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            left = list(pool.map(leave, range(4)))
+            answers = list(pool.map(hostile, HOSTILE * 4))
+    finally:
+        stop.set()
+        watcher.join()
+    assert all(400 <= status < 500 and set(body["error"]) == {"message", "type", "param", "code"}
+               for status, body in answers), [a for a in answers if not 400 <= a[0] < 500]
+    assert left.count("left") == 4
+    assert len(latencies) > 20 and max(latencies) < 0.1, sorted(latencies)[-5:]
+    stats = wait_idle(model)
+    assert stats.running == 0 and stats.waiting == 0 and stats.kv_usage == 0
+
+
+# ----- a bounded fuzz: no 5xx for anything ----------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=16,
+)
+
+
+def bodies(schema_model):
+    """Bodies valid for the request model's JSON schema (which reach generation), anything JSON, and
+    bytes that are not JSON at all."""
+    from hypothesis_jsonschema import from_schema
+
+    return st.one_of(from_schema(schema_model.model_json_schema()), JSON_VALUES, st.binary(max_size=64))
+
+
+def short(body):
+    """Keep generations short: a cap on every length a valid body may ask for (long ones have their tests)."""
+    if isinstance(body, dict):
+        for key in ("max_tokens", "max_completion_tokens", "min_tokens"):
+            if not isinstance(body.get(key), int) or body[key] > 3:
+                body[key] = 3
+    return body
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_fuzzed_requests_never_get_a_5xx(served, path):
+    from qwen2audio.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    schema_model = ChatCompletionRequest if path.endswith("chat/completions") else CompletionRequest
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=40, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @given(body=bodies(schema_model))
+    def check(body):
+        data = body if isinstance(body, bytes) else json.dumps(short(body))
+        response = post(served, path, data)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (response.status_code, response.text[:300], data[:300])
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert seen.get(200, 0) > 0 and sum(n for s, n in seen.items() if 400 <= s < 500) > 0, seen
+    assert wait_idle(served[1]).kv_usage == 0
