@@ -1,11 +1,13 @@
-"""Bounded load test of `qwen2audio serve` on loopback: 64 streaming clients, 512 requests.
+"""Bounded load test of `qwen2audio serve` on loopback: 64 clients, 512 requests.
 
     python bench/server_load.py [--model DIR] [--requests 512] [--concurrency 64] [--tokens 16]
 
 Starts the server as a child process on 127.0.0.1 (a tiny random checkpoint unless --model is
 given), then sends chat requests with 1-30 s clips (fresh noise each), streaming. 5% are aborted
-after their first token, 5% are malformed. Checks: every good request ends with exactly --tokens
-completion tokens, every bad one gets a 4xx, no 5xx, KV usage back to zero, server RSS stable.
+after their first token, 5% are non-streamed requests for 2,000 tokens whose client gives up after
+a random 0.05-1 s, 5% are malformed. Checks: every good request ends with exactly --tokens
+completion tokens, every bad one gets a 4xx, no 5xx, the server counts every abandoned request as
+aborted (so it stopped working on it), KV usage back to zero, server RSS stable.
 Prints requests/s and p50/p99 time to first token. Unmeasured warm-up passes (fresh clips each) come
 first, while the bounded caches fill (encoder outputs, oneDNN kernels per shape); the server's RSS
 must then not grow by more than 10% across the measured pass. Traffic never leaves 127.0.0.1.
@@ -49,6 +51,8 @@ MALFORMED = [
     json.dumps({"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}),
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}),
     json.dumps({"messages": []}),
+    '{"messages": ' + "[" * 20000 + "]" * 20000 + "}",
+    json.dumps({"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}),
 ]
 
 
@@ -57,6 +61,16 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+async def leave(client: httpx.AsyncClient, body: str, patience: float, stats: dict) -> None:
+    """A non-streamed request whose client stops waiting (and closes its connection) after ``patience`` s."""
+    try:
+        response = await client.post("/v1/chat/completions", content=body, timeout=patience,
+                                     headers={"content-type": "application/json"})
+        stats["status"].append(response.status_code)  # it finished first (should not, at 2,000 tokens)
+    except httpx.TimeoutException:
+        stats["left"] += 1
 
 
 async def one(client: httpx.AsyncClient, kind: str, body: str, tokens: int, stats: dict) -> None:
@@ -93,11 +107,12 @@ async def one(client: httpx.AsyncClient, kind: str, body: str, tokens: int, stat
 
 async def run(url: str, args: argparse.Namespace, seed: int) -> dict:
     rng = np.random.default_rng(seed)  # fresh clips per pass: no cache hit from the first pass
-    stats = {"status": [], "ttft": [], "good_ok": 0, "bad_ok": 0, "aborted": 0, "stream_errors": 0, "kinds": []}
+    stats = {"status": [], "ttft": [], "good_ok": 0, "bad_ok": 0, "aborted": 0, "left": 0, "stream_errors": 0,
+             "kinds": []}
     jobs: asyncio.Queue = asyncio.Queue()
     for index in range(args.requests):
         roll = random.Random(index).random()
-        kind = "bad" if roll < 0.05 else "abort" if roll < 0.10 else "good"
+        kind = "bad" if roll < 0.05 else "abort" if roll < 0.10 else "leave" if roll < 0.15 else "good"
         jobs.put_nowait((index, kind))
         stats["kinds"].append(kind)
 
@@ -106,6 +121,11 @@ async def run(url: str, args: argparse.Namespace, seed: int) -> dict:
             index, kind = jobs.get_nowait()
             if kind == "bad":
                 body = MALFORMED[index % len(MALFORMED)]
+            elif kind == "leave":
+                body = json.dumps({"model": "tiny", "max_tokens": 2000, "min_tokens": 2000,
+                                   "messages": [{"role": "user", "content": f"Request {index}: tell me a story."}]})
+                await leave(client, body, float(rng.uniform(0.05, 1.0)), stats)
+                continue
             else:
                 seconds = float(rng.uniform(1, 30))
                 body = json.dumps({
@@ -124,6 +144,24 @@ async def run(url: str, args: argparse.Namespace, seed: int) -> dict:
     return stats
 
 
+def gauge(url: str, name: str) -> float:
+    """A value from the server's /metrics (0 when the series is absent)."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def settle(url: str) -> tuple[float, float]:
+    """(KV usage, running requests) once both are 0, or after 10 s."""
+    for _ in range(100):
+        kv, running = gauge(url, "qwen2audio_kv_cache_usage"), gauge(url, "qwen2audio_requests_running")
+        if kv == 0.0 and running == 0.0:
+            break
+        time.sleep(0.1)
+    return kv, running
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model")
@@ -135,7 +173,8 @@ def main() -> None:
     model = args.model or str(build_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "tiny", seed=1))
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "qwen2audio.cli", "serve", "--model", model, "--port", str(port),
-                               "--served-model-name", "tiny", "--quiet", "--max-pending", "1024"],
+                               "--served-model-name", "tiny", "--quiet", "--max-pending", "1024",
+                               "--disable-log-requests"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -151,36 +190,35 @@ def main() -> None:
         for seed in range(args.warm_passes):
             asyncio.run(run(url, args, seed=seed))
             print(f"warm-up pass {seed + 1}: server RSS {rss_kb(server.pid) / 1024:.0f} MB", flush=True)
+        settle(url)
         rss_before = rss_kb(server.pid)
+        counted_before = gauge(url, "qwen2audio_requests_aborted_total")
         stats = asyncio.run(run(url, args, seed=args.warm_passes))
         rss_after = rss_kb(server.pid)
-        kv = None
-        for _ in range(100):
-            metrics = httpx.get(f"{url}/metrics").text
-            kv = float(next(line.split()[1] for line in metrics.splitlines()
-                            if line.startswith("qwen2audio_kv_cache_usage ")))
-            if kv == 0.0:
-                break
-            time.sleep(0.1)
+        kv, running = settle(url)  # the abandoned requests stop within a step or two
+        counted = gauge(url, "qwen2audio_requests_aborted_total") - counted_before
     finally:
         server.terminate()
         server.wait(timeout=120)
     kinds = stats["kinds"]
-    good, bad, aborted = kinds.count("good"), kinds.count("bad"), kinds.count("abort")
+    good, bad, aborted, left = kinds.count("good"), kinds.count("bad"), kinds.count("abort"), kinds.count("leave")
     ttft = sorted(stats["ttft"])
     fivexx = sum(1 for s in stats["status"] if s >= 500)
-    print(f"{args.requests} requests ({good} good, {aborted} aborted mid-stream, {bad} malformed), "
-          f"{args.concurrency} concurrent streaming clients, {args.tokens} tokens each")
+    print(f"{args.requests} requests ({good} good, {aborted} aborted mid-stream, {left} non-streamed abandoned, "
+          f"{bad} malformed), {args.concurrency} concurrent clients, {args.tokens} tokens each")
     print(f"wall {stats['seconds']:.1f} s = {args.requests / stats['seconds']:.1f} requests/s; "
           f"time to first token p50 {statistics.median(ttft) * 1000:.0f} ms, "
           f"p99 {ttft[int(0.99 * (len(ttft) - 1))] * 1000:.0f} ms")
     print(f"good requests with exactly {args.tokens} tokens: {stats['good_ok']}/{good}; malformed answered 4xx: "
           f"{stats['bad_ok']}/{bad}; aborted: {stats['aborted']}/{aborted}; 5xx: {fivexx}; "
           f"stream errors: {stats['stream_errors']}")
+    print(f"abandoned non-streamed requests: {stats['left']}/{left} clients left; the server counted "
+          f"{counted:.0f} aborted requests (streams and non-streamed; {aborted + left} expected) and, after the "
+          f"run, {running:.0f} running")
     print(f"KV cache usage after the run: {kv}; server RSS {rss_start / 1024:.0f} MB at start, "
           f"{rss_before / 1024:.0f} MB after a first pass, {rss_after / 1024:.0f} MB after the measured pass")
-    ok = (stats["good_ok"] == good and stats["bad_ok"] == bad and fivexx == 0 and kv == 0.0
-          and rss_after < rss_before * 1.10)
+    ok = (stats["good_ok"] == good and stats["bad_ok"] == bad and fivexx == 0 and kv == 0.0 and running == 0.0
+          and stats["left"] == left and counted == aborted + left and rss_after < rss_before * 1.10)
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

@@ -609,3 +609,12 @@ def test_placeholder_count_follows_the_checkpoints_feature_settings() -> None:
     # 7 s at hop 320: 350 frames -> 175 after the stride-2 conv -> (175 - 2) // 2 + 1 = 87 after pooling
     assert placeholders == 87 == sum(batch.window_tokens)
     assert int(batch.feature_attention_mask.sum()) == 350
+
+
+def test_a_chat_template_given_at_load_replaces_the_checkpoints() -> None:
+    """`serve --chat-template FILE` hands the file's text to the processor, which renders with it."""
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}ASSISTANT:"
+    processor = Processor.from_pretrained(REAL_DIR, chat_template=template)
+    prompt = processor.prepare([{"role": "user", "content": "Hello there"}])
+    assert processor.tokenizer.decode(prompt.token_ids) == "[user] Hello there\nASSISTANT:"
+    assert processor.chat_template.has_checkpoint_template

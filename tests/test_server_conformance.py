@@ -394,3 +394,19 @@ def test_fuzzed_requests_never_get_a_5xx(served, path):
     check()
     assert seen.get(200, 0) > 0 and sum(n for s, n in seen.items() if 400 <= s < 500) > 0, seen
     assert wait_idle(served[1]).kv_usage == 0
+
+
+def test_health_is_503_until_the_engine_runs(served):
+    """Before the app's lifespan has started the engine (and after it died), /health says so."""
+    import asyncio
+
+    app = create_app(served[1], ServerOptions(served_model_name="tiny"))  # its lifespan never runs here
+
+    async def ask():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.get("/health")
+
+    response = asyncio.run(ask())
+    assert response.status_code == 503 and response.json() == {"status": "unavailable"}
+    assert httpx.get(served[0].url + "/health").json() == {"status": "ok"}
