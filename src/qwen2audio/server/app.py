@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import pathlib
 import time
@@ -30,7 +29,7 @@ from qwen2audio.audio.io import load_audio
 from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.engine.async_engine import AsyncEngine
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
-from qwen2audio.server import responses
+from qwen2audio.server import jsonbody, responses
 from qwen2audio.server.errors import HANDLERS, APIError
 from qwen2audio.server.media import MediaPolicy, count_audio_parts, resolve_messages
 from qwen2audio.server.metrics import Metrics
@@ -40,8 +39,8 @@ from qwen2audio.transcribe import WINDOW_TOKENS, Transcriber
 
 logger = logging.getLogger(__name__)
 STATIC = pathlib.Path(__file__).parent / "static"  # the voice-chat page: plain HTML/CSS/JS, no build step
-MAX_JSON_DEPTH = 64  # deeper request bodies are refused (nothing we take nests past a few levels)
-OFF_LOOP_BYTES = 256 * 1024  # bodies larger than this are parsed and validated off the event loop
+OFF_LOOP_BYTES = 256 * 1024  # bodies larger than this are validated off the event loop...
+CHILD_PARSE_BYTES = 4 * 2**20  # ... and larger than this, parsed in a child interpreter (see jsonbody)
 
 
 @dataclass
@@ -71,6 +70,7 @@ class Server:
         self.max_model_len = model.engine.max_context
         self.metrics = Metrics(lambda: self.engine.stats)
         self.pending = 0
+        self.child_parses = asyncio.Semaphore(2)  # bounds the memory and cores huge bodies take
 
     def check_capacity(self, count: int) -> None:
         if self.pending + count > self.options.max_pending:
@@ -226,25 +226,26 @@ async def translations(request: Request) -> Response:
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
     """A JSON body (Content-Type application/json, as vLLM requires) validated against ``schema``;
-    large bodies are parsed off the event loop, and nesting past MAX_JSON_DEPTH is refused."""
+    large bodies are parsed off the event loop, and nesting past jsonbody.MAX_DEPTH is refused."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise APIError(400, f"Unsupported Media Type {media_type or '(none)'!r}: only 'application/json' is allowed")
-    raw = await request.body()
-    if len(raw) > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(_validated, raw, schema)
-    return _validated(raw, schema)
-
-
-def _validated(raw: bytes, schema: type[BaseModel]) -> Any:
+    chunks = [chunk async for chunk in request.stream()]
+    size = sum(map(len, chunks))
     try:
-        data = json.loads(raw)
-    except RecursionError:
-        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
-    if _depth(data) > MAX_JSON_DEPTH:
-        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if size > CHILD_PARSE_BYTES:
+            async with _server(request).child_parses:
+                data = await jsonbody.parse_in_child(chunks)
+        elif size > OFF_LOOP_BYTES:
+            data = await asyncio.to_thread(jsonbody.parse, b"".join(chunks))
+        else:
+            data = jsonbody.parse(b"".join(chunks))
+    except jsonbody.BodyError as exc:
+        raise APIError(400, str(exc)) from None
+    return await asyncio.to_thread(_validated, data, schema) if size > OFF_LOOP_BYTES else _validated(data, schema)
+
+
+def _validated(data: Any, schema: type[BaseModel]) -> Any:
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -252,19 +253,6 @@ def _validated(raw: bytes, schema: type[BaseModel]) -> Any:
         param = ".".join(str(p) for p in error["loc"]) or None
         message = str(error["msg"]).removeprefix("Value error, ")
         raise APIError(400, f"{param}: {message}" if param else message, param=param) from None
-
-
-def _depth(data: Any) -> int:
-    """How deeply lists and objects nest in parsed JSON (iteratively: no recursion to exhaust)."""
-    deepest, stack = 0, [(data, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, level)
-            if deepest > MAX_JSON_DEPTH:
-                return deepest
-            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 def _check_audio_count(server: Server, count: int) -> None:
