@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import os
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -479,3 +480,56 @@ def test_the_async_engine_refuses_a_command_it_does_not_know(model):
     quiet = AsyncEngine(fresh_engine(model))
     quiet.shutdown(timeout=10)
     assert not quiet._thread.is_alive() and quiet.error is None
+
+
+@pytest.mark.parametrize("when", ["before the engine takes it", "after the engine took it"])
+def test_a_request_cancelled_while_being_added_is_aborted(model, monkeypatch, when):
+    """A caller that leaves while its Submit waits for the engine thread (here held inside a step)
+    must not leave an orphan running to max_new_tokens: a server's client that gives up while the
+    engine is busy is exactly this. Both orders: cancelled before the engine took the request, and
+    after the engine took it but before the caller resumed."""
+    engine = fresh_engine(model)
+    gate, inside, steps = threading.Event(), threading.Event(), []
+    step = engine.step
+
+    def held_step():
+        inside.set()
+        gate.wait(30)
+        steps.append(1)
+        return step()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    driver = AsyncEngine(engine)
+    prompt = engine.processor.prepare(conv(text("Hi")))
+    long = SamplingParams(max_new_tokens=400, min_new_tokens=400)
+
+    async def consume():
+        async for _ in driver.generate(prompt, long):
+            pass
+
+    async def main():
+        busy = asyncio.ensure_future(consume())  # keeps the engine in a (held) step
+        await asyncio.to_thread(inside.wait, 30)
+        leaver = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)  # its Submit waits in the queue
+        if when == "after the engine took it":
+            gate.set()  # the engine takes it at the next drain; cancel once it has
+            while not engine.scheduler.requests or len(engine.scheduler.requests) < 2:
+                await asyncio.sleep(0)
+        leaver.cancel()
+        gate.set()
+        await asyncio.gather(leaver, return_exceptions=True)
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
+        for _ in range(200):
+            if not engine.has_unfinished:
+                return len(steps)
+            await asyncio.sleep(0.01)
+        return None
+
+    try:
+        taken = asyncio.run(main())
+        assert taken is not None and taken < 50, f"still running after {len(steps)} steps"
+        assert all_blocks_free(engine)
+    finally:
+        driver.shutdown()

@@ -76,7 +76,12 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         accepted: asyncio.Future = loop.create_future()
         self._commands.put(Submit(prompt, params, request_id, loop, stream, accepted))
-        request_id = await accepted  # raises the engine's validation error, if any
+        try:
+            request_id = await accepted  # raises the engine's validation error, if any
+        except asyncio.CancelledError:  # left while the engine thread was busy: see _accept
+            if accepted.done() and not accepted.cancelled() and accepted.exception() is None:
+                self.abort(accepted.result())
+            raise
         finished = False
         try:
             while not finished:
@@ -144,10 +149,22 @@ class AsyncEngine:
         try:
             request_id = self.engine.add_request(command.prompt, command.params, command.request_id)
         except Exception as exc:  # validation errors go back to the caller
-            command.loop.call_soon_threadsafe(_resolve, command.accepted, None, exc)
+            command.loop.call_soon_threadsafe(self._accept, command.accepted, None, exc)
             return
         self._streams[request_id] = (command.loop, command.stream)
-        command.loop.call_soon_threadsafe(_resolve, command.accepted, request_id, None)
+        command.loop.call_soon_threadsafe(self._accept, command.accepted, request_id, None)
+
+    def _accept(self, accepted: asyncio.Future, request_id: str | None, error: BaseException | None) -> None:
+        """On the caller's loop: the request's id (or its validation error) to the waiting caller. A
+        caller that was cancelled meanwhile never sees it, so its request is aborted here, or it would
+        run to max_new_tokens with nobody reading (a server's client that left while a step ran)."""
+        if accepted.cancelled():
+            if request_id is not None:
+                self.abort(request_id)
+        elif error is not None:
+            accepted.set_exception(error)
+        else:
+            accepted.set_result(request_id)
 
     def _deliver(self, request_id: str, item: Any, final: bool) -> None:
         target = self._streams.get(request_id)
@@ -158,11 +175,3 @@ class AsyncEngine:
         loop, stream = target
         loop.call_soon_threadsafe(stream.put_nowait, item)
 
-
-def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
