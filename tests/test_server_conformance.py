@@ -6,14 +6,17 @@ raw httpx."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import pathlib
 import socket
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
+import soundfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -298,6 +301,25 @@ def test_request_metrics_are_labelled_by_route_not_by_path(served):
     assert routes <= {"unmatched", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
                       "/v1/audio/transcriptions", "/v1/audio/translations", "/", "/static", "/favicon.ico"}
     assert 'route="unmatched",status="404"' in text
+
+
+def metric(served, name):
+    lines = httpx.get(served[0].url + "/metrics").text.splitlines()
+    return float(next(line.split()[1] for line in lines if line.startswith(name + " ")))
+
+
+def test_the_encoder_cache_gauge_grows_by_a_new_clips_embeddings(served, tiny_checkpoint):
+    """A 2 s clip is 200 mel frames, 100 after the encoder's stride-2 conv, 50 audio tokens after its
+    pooling; each cached as a decoder-width fp32 row."""
+    hidden = json.loads((tiny_checkpoint / "config.json").read_text())["text_config"]["hidden_size"]
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.random.default_rng(7).uniform(-0.1, 0.1, 32000), 16000, format="WAV")
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(buffer.getvalue()).decode(),
+                                                   "format": "wav"}}
+    before = metric(served, "qwen2audio_encoder_cache_bytes")
+    answer = post(served, "/v1/chat/completions", chat(messages=[{"role": "user", "content": [part]}], max_tokens=1))
+    assert answer.status_code == 200, answer.text[:300]
+    assert metric(served, "qwen2audio_encoder_cache_bytes") - before == 50 * hidden * 4
 
 
 HOSTILE = [

@@ -8,10 +8,13 @@ and after every step the loop publishes an EngineStats snapshot that other threa
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import queue
+import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,7 @@ from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
 from qwen2audio.engine.scheduler import EngineStats
 
 logger = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.5  # how long an idle loop waits for a command before looking at its stop flag
 
 
 @dataclass(frozen=True)
@@ -105,13 +109,18 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         try:
+            untrimmed = False  # steps ran since the heap was last trimmed
             while not self._stopped.is_set():
-                self._drain(block=not self.engine.has_unfinished)
+                commanded = self._drain(block=not self.engine.has_unfinished)
                 if self.engine.has_unfinished:
                     with torch.inference_mode():
                         outputs = self.engine.step()
                     for output in outputs:
                         self._deliver(output.request_id, output, final=output.finished)
+                    untrimmed = True
+                elif untrimmed and not commanded:  # idle for a whole wait
+                    trim_heap()
+                    untrimmed = False
                 self.stats = self.engine.stats()
             self._drain(block=False)  # aborts sent before the stop still free their requests
         except BaseException as exc:  # reported to every waiting stream, then re-raised
@@ -121,17 +130,18 @@ class AsyncEngine:
                 self._deliver(request_id, RuntimeError(f"engine failed: {exc}"), final=True)
             raise
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool) -> bool:
+        """Apply the queued commands (waiting up to IDLE_WAIT_S for one if ``block``); False if none came."""
         try:
-            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            command = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             self._apply(command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _apply(self, command: Command) -> None:
         match command:
@@ -175,3 +185,25 @@ class AsyncEngine:
         loop, stream = target
         loop.call_soon_threadsafe(stream.put_nowait, item)
 
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    Requests allocate and free audio, features and activations of every size from several threads;
+    glibc keeps what they freed, so a server's RSS climbed by 100-250 MB per 512 requests although
+    what it held stayed put (bench/server_load.py: 1.4 -> 1.8 GB over five passes, 0.8 -> 1.0 GB
+    once trimmed). Called when the engine has been idle for a whole wait: about 50 ms for 600 MB,
+    with the interpreter lock released."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -87,7 +88,7 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        return replace(self.scheduler.stats(), encoder_cache_bytes=self.runner.encoder_cache.bytes)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:

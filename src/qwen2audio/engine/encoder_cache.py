@@ -21,6 +21,11 @@ class EncoderCache:
         self.hits = 0
         self.misses = 0
 
+    @property
+    def bytes(self) -> int:
+        """What the cached embeddings take (at most max_bytes, or one entry when that is larger)."""
+        return self._bytes
+
     def get(self, digest: str) -> torch.Tensor | None:
         value = self._entries.get(digest)
         if value is not None:

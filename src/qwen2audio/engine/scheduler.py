@@ -48,6 +48,7 @@ class EngineStats:
     kv_blocks: int = 1
     kv_blocks_free: int = 1
     preemptions: int = 0
+    encoder_cache_bytes: int = 0  # filled in by the engine (the runner owns that cache)
 
     @property
     def kv_usage(self) -> float:

@@ -33,6 +33,8 @@ class Metrics:
         Gauge("qwen2audio_requests_running", "requests running", registry=r).set_function(lambda: stats().running)
         Gauge("qwen2audio_kv_cache_usage", "fraction of KV blocks in use", registry=r).set_function(
             lambda: stats().kv_usage)
+        Gauge("qwen2audio_encoder_cache_bytes", "bytes of cached audio embeddings (bounded, least recently "
+              "used evicted)", registry=r).set_function(lambda: stats().encoder_cache_bytes)
 
     def count(self, route: str | None, status: int) -> None:
         self.requests.labels(route or UNMATCHED, str(int(status))).inc()
