@@ -576,3 +576,35 @@ def test_the_async_engine_trims_the_heap_once_it_has_idled(model, monkeypatch):
         assert idle_start == 0 and during == 0 and len(calls) == 1 and calls[0] - finished > 0.8 * IDLE_WAIT_S
     finally:
         driver.shutdown()
+
+
+class OpenAIPenalties:
+    """OpenAI's presence/frequency penalties as its API reference states them, for transformers'
+    generate: logit -= frequency * count + presence * (count > 0), counting generated tokens only."""
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence, self.frequency, self.start = presence, frequency, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        generated = input_ids[:, self.start:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+def test_presence_frequency_penalties_and_logit_bias_equal_the_oracle(checkpoint, model):
+    """Greedy tokens against transformers' generate with OpenAI's formula as a logits processor and
+    logit_bias as its single-token sequence_bias; the counts live on the device like the seen rows."""
+    transformers = pytest.importorskip("transformers")
+    items = [conv(audio(CLIPS[s]), text("Describe it.")) for s in (0.5, 3)]
+    clips = [CLIPS[0.5], CLIPS[3]]
+    plain = oracle_generate(checkpoint, items, clips)
+    favoured = plain[0][1]
+    for presence, frequency, bias in [(0.0, 1.5, {}), (1.2, 0.0, {}), (-0.5, 2.0, {favoured: 3.0}), (0, 0, {7: 4.5})]:
+        expected = oracle_generate(
+            checkpoint, items, clips, sequence_bias={(t,): b for t, b in bias.items()} or None,
+            logits_processor=transformers.LogitsProcessorList([OpenAIPenalties(presence, frequency)]))
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, presence_penalty=presence,
+                                frequency_penalty=frequency, logit_bias=bias)
+        assert expected != plain, (presence, frequency, bias)  # each setting changes these replies
+        assert run(fresh_engine(model), items, params) == expected, (presence, frequency, bias)

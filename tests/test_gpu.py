@@ -129,15 +129,16 @@ def test_cuda_features_equal_cpu_features():
 
 
 def mixed_run(engine: Engine, stop_token: int, abort_at: int | None = None) -> dict[int, tuple[list[int], str | None]]:
-    """Greedy and seeded-sampling requests, one ending early on ``stop_token``, arrivals between
-    steps, and optionally an abort of request 1 after ``abort_at`` steps: tokens and finish reason
-    per request."""
+    """Greedy and seeded-sampling requests (penalties of every kind, a logit bias), one ending early
+    on ``stop_token``, arrivals between steps, and optionally an abort of request 1 after
+    ``abort_at`` steps: tokens and finish reason per request."""
     params = [
         SamplingParams(max_new_tokens=14, temperature=0),
         SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.9, seed=7, repetition_penalty=1.2),
         SamplingParams(max_new_tokens=11, temperature=0, min_new_tokens=3, stop_token_ids=(stop_token,)),
-        SamplingParams(max_new_tokens=17, temperature=1.0, seed=3, min_new_tokens=17),
-        SamplingParams(max_new_tokens=9, temperature=0, repetition_penalty=1.5),
+        SamplingParams(max_new_tokens=17, temperature=1.0, seed=3, min_new_tokens=17, frequency_penalty=1.1),
+        SamplingParams(max_new_tokens=9, temperature=0, repetition_penalty=1.5, presence_penalty=0.9,
+                       logit_bias={stop_token: 1.5}),
     ]
     ids: dict[str, int] = {}
     tokens: dict[int, list[int]] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,9 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # ... and this times the number of times it was generated
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()  # token id -> added to its logit
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
@@ -85,6 +88,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(bias))
         self._validate()
 
     def with_defaults(self, generation: GenerationConfig) -> SamplingParams:
@@ -109,6 +114,10 @@ class SamplingParams:
             (self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.repetition_penalty is None or self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+             "logit_bias maps token ids (>= 0) to values in [-100, 100]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
              "seed must be an integer in [-2**63, 2**64)"),
@@ -120,6 +129,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.temperature
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether sampling needs how often each token was generated (presence/frequency penalties)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 class Status(enum.Enum):

@@ -28,11 +28,13 @@ class Sampler:
         self.device = device
         self._shared = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
-        self._seen = _SeenTokens(device)
+        self._seen = _TokenRows(device, counts=False)  # repetition penalty: prompt and output ids
+        self._counts = _TokenRows(device, counts=True)  # presence/frequency penalties: output counts
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
         self._seen.release(request_id)
+        self._counts.release(request_id)
 
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
         """logits [S, vocab] (float32), one row per request -> one token per request."""
@@ -45,14 +47,21 @@ class Sampler:
         penalized = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
         rows = self.to_device(penalized, torch.long) if penalized else None
         slots = self._seen.slots([requests[i] for i in penalized], logits.shape[-1], self.to_device)
-        logits = self._penalize(logits.clone(), requests, lag, rows, slots)
+        counted = [i for i, r in enumerate(requests) if r.params.counts_output]
+        count_rows = self.to_device(counted, torch.long) if counted else None
+        count_slots = self._counts.slots([requests[i] for i in counted], logits.shape[-1], self.to_device)
+        logits = self._penalize(logits.clone(), requests, rows, slots)
+        logits = self._bias(logits, requests, lag, count_rows, count_slots)
         flags = [r.params.greedy for r in requests]
         tokens = logits.argmax(dim=-1)  # [S]
         if not all(flags):
             greedy = self.to_device(flags, torch.bool)
             tokens = torch.where(greedy, tokens, self._sample(logits, requests))
-        if rows is not None:  # the new tokens count as seen from the next step on, without the host
+        # The new tokens count from the next step on, without the host.
+        if rows is not None:
             self._seen.mark(slots, tokens.index_select(0, rows))
+        if count_rows is not None:
+            self._counts.mark(count_slots, tokens.index_select(0, count_rows))
         return tokens
 
     def to_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
@@ -64,19 +73,38 @@ class Sampler:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def _penalize(
-        self, logits: torch.Tensor, requests: Sequence[Request], lag: int, rows: torch.Tensor | None,
-        slots: torch.Tensor | None,
+        self, logits: torch.Tensor, requests: Sequence[Request], rows: torch.Tensor | None, slots: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``rows`` [R]: the repetition-penalised rows; ``slots`` [R]: their seen-token rows."""
+        """transformers' RepetitionPenaltyLogitsProcessor, over prompt and output ids alike.
+        ``rows`` [R]: the repetition-penalised rows; ``slots`` [R]: their seen-token rows."""
         if rows is not None:
-            # transformers' RepetitionPenaltyLogitsProcessor: over prompt and output ids alike.
-            seen = self._seen.masks(slots)  # [R, vocab]
+            seen = self._seen.rows_of(slots)  # [R, vocab]
             penalty = self.to_device([r.params.repetition_penalty for r in requests
                                       if r.params.repetition_penalty != 1.0], torch.float32)
             sub = logits.index_select(0, rows)
             scaled = torch.where(sub > 0, sub / penalty[:, None], sub * penalty[:, None])
             logits.index_copy_(0, rows, torch.where(seen, scaled, sub))
+        return logits
+
+    def _bias(
+        self, logits: torch.Tensor, requests: Sequence[Request], lag: int, rows: torch.Tensor | None,
+        slots: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """OpenAI's presence and frequency penalties (``rows`` [C] the rows that have one, ``slots``
+        their output counts), then logit_bias, then the end tokens min_new_tokens still bans."""
+        if rows is not None:
+            counts = self._counts.rows_of(slots)  # [C, vocab]
+            chosen = [r for r in requests if r.params.counts_output]
+            presence = self.to_device([r.params.presence_penalty for r in chosen], torch.float32)
+            frequency = self.to_device([r.params.frequency_penalty for r in chosen], torch.float32)
+            sub = logits.index_select(0, rows) - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+            logits.index_copy_(0, rows, sub)
         vocab = logits.shape[-1]
+        bias = [(i * vocab + t, b) for i, request in enumerate(requests) for t, b in request.params.logit_bias
+                if t < vocab]
+        if bias:
+            positions, values = zip(*bias, strict=True)
+            logits.view(-1).index_add_(0, self.to_device(positions, torch.long), self.to_device(values, logits.dtype))
         banned = [i * vocab + t for i, request in enumerate(requests)
                   if len(request.output_ids) + lag < request.params.min_new_tokens
                   for t in (*request.eos_ids, *request.params.stop_token_ids) if t < vocab]
@@ -129,14 +157,17 @@ class Sampler:
         return result
 
 
-class _SeenTokens:
-    """Which token ids each repetition-penalised request has seen, kept on the device: a row per
-    request, filled from its ids once, then marked with each sampled token on the device, so a
-    pipelined step's penalty already counts the token the host has not read yet."""
+class _TokenRows:
+    """A row over the vocabulary per request, kept on the device: filled from the request's ids
+    once, then updated with each sampled token on the device, so a pipelined step's penalty already
+    counts the token the host has not read yet. ``counts`` False: which ids the prompt and output
+    hold (repetition penalty); True: how often each was generated (presence/frequency penalties)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, counts: bool) -> None:
         self.device = device
-        self.rows = torch.zeros(0, 0, dtype=torch.bool, device=device)  # [capacity, vocab]
+        self.counts = counts
+        self.dtype = torch.float32 if counts else torch.bool
+        self.rows = torch.zeros(0, 0, dtype=self.dtype, device=device)  # [capacity, vocab]
         self.slot_of: dict[str, int] = {}
         self.free: list[int] = []
 
@@ -147,23 +178,29 @@ class _SeenTokens:
         if not requests:
             return None
         if self.rows.shape[1] != vocab:
-            self.rows = torch.zeros(0, vocab, dtype=torch.bool, device=self.device)
+            self.rows = torch.zeros(0, vocab, dtype=self.dtype, device=self.device)
             self.slot_of, self.free = {}, []
         for request in requests:
             if request.request_id not in self.slot_of:
                 slot = self._take()
-                ids = [t for t in request.all_ids if 0 <= t < vocab]
+                ids = [t for t in (request.output_ids if self.counts else request.all_ids) if 0 <= t < vocab]
                 self.rows[slot].zero_()
                 if ids:
-                    self.rows[slot].index_fill_(0, to_device(ids, torch.long), True)
+                    self._add(self.rows[slot], to_device(ids, torch.long))
                 self.slot_of[request.request_id] = slot
         return to_device([self.slot_of[r.request_id] for r in requests], torch.long)
 
-    def masks(self, slots: torch.Tensor) -> torch.Tensor:
+    def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
         return self.rows.index_select(0, slots)
 
     def mark(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
-        self.rows.view(-1).index_fill_(0, slots * self.rows.shape[1] + tokens, True)
+        self._add(self.rows.view(-1), slots * self.rows.shape[1] + tokens)
+
+    def _add(self, flat: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.counts:  # repeated positions add up
+            flat.index_add_(0, positions, torch.ones(positions.shape, dtype=self.dtype, device=flat.device))
+        else:
+            flat.index_fill_(0, positions, True)
 
     def release(self, request_id: str) -> None:
         slot = self.slot_of.pop(request_id, None)
@@ -173,7 +210,7 @@ class _SeenTokens:
     def _take(self) -> int:
         if not self.free:
             old = self.rows.shape[0]
-            grown = torch.zeros(max(8, 2 * old), self.rows.shape[1], dtype=torch.bool, device=self.device)
+            grown = torch.zeros(max(8, 2 * old), self.rows.shape[1], dtype=self.dtype, device=self.device)
             grown[:old] = self.rows
             self.rows = grown
             self.free = list(range(grown.shape[0] - 1, old - 1, -1))
