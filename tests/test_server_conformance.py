@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen2audio.api import Qwen2Audio
+from qwen2audio.engine.request import SamplingParams
 from qwen2audio.server.app import ServerOptions, create_app
 from qwen2audio.server.media import MediaPolicy
 
@@ -301,6 +302,57 @@ def test_request_metrics_are_labelled_by_route_not_by_path(served):
     assert routes <= {"unmatched", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
                       "/v1/audio/transcriptions", "/v1/audio/translations", "/", "/static", "/favicon.ico"}
     assert 'route="unmatched",status="404"' in text
+
+
+UNSUPPORTED_OR_OUT_OF_RANGE = [
+    (chat(presence_penalty=2.5), "presence_penalty"),
+    (chat(frequency_penalty=-3), "frequency_penalty"),
+    (chat(logit_bias={"abc": 1}), "logit_bias"),
+    (chat(logit_bias={"5": 101}), "logit_bias"),
+    (chat(logit_bias={"99999999": 1}), "outside the vocabulary"),
+    (chat(logit_bias={"99999999": 1}, stream=True), "outside the vocabulary"),
+    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools are not supported"),
+    (chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
+]
+
+
+@pytest.mark.parametrize(("body", "fragment"), UNSUPPORTED_OR_OUT_OF_RANGE)
+def test_sampling_fields_out_of_range_or_unsupported_are_400s_never_ignored(served, body, fragment):
+    assert_openai_error(post(served, "/v1/chat/completions", body), 400, fragment)
+
+
+def test_a_plain_response_format_and_no_tools_are_fine(served):
+    body = chat(response_format={"type": "text"}, tool_choice="none", presence_penalty=0, logit_bias={})
+    assert post(served, "/v1/chat/completions", body).status_code == 200
+
+
+def test_logit_bias_of_100_forces_its_token(served, client):
+    """As OpenAI documents: +100 makes the token the only choice, streamed or not."""
+    token = served[1].processor.tokenizer.encode("Q")
+    assert len(token) == 1
+    expected = served[1].processor.tokenizer.decode(token * 5)
+    reply = client.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=0,
+                                      logit_bias={str(token[0]): 100})
+    streamed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                              temperature=0.7, seed=3, logit_bias={str(token[0]): 100}, stream=True)
+    assert reply.choices[0].text == expected
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == expected
+
+
+def test_presence_and_frequency_penalties_reach_the_engine(served, client):
+    """The server's answer equals a second engine's over the same weights given the same prompt and
+    penalties (the engine's penalties are checked against the oracle in test_engine.py)."""
+    model = served[1]
+    messages = [{"role": "user", "content": "Hi"}]
+    params = SamplingParams(max_new_tokens=24, temperature=0, presence_penalty=0.7, frequency_penalty=1.3)
+    engine = model.new_engine()
+    request_id = engine.add_request(model.processor.prepare(messages), params)
+    expected = "".join(output.delta for output in engine.run({request_id}))
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                           presence_penalty=0.7, frequency_penalty=1.3)
+    assert reply.choices[0].message.content == expected != plain.choices[0].message.content
 
 
 def metric(served, name):

@@ -19,7 +19,7 @@ from qwen2audio.config import GenerationConfig
 from qwen2audio.engine.block_manager import BlockManager
 from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.pipeline import DecodePipeline
-from qwen2audio.engine.request import Prompt, Request, RequestOutput, SamplingParams
+from qwen2audio.engine.request import Prompt, Request, RequestOutput, SamplingError, SamplingParams
 from qwen2audio.engine.runner import ModelRunner
 from qwen2audio.engine.sampler import Sampler
 from qwen2audio.engine.scheduler import EngineStats, ScheduledStep, Scheduler
@@ -48,6 +48,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig(frozenset({tokenizer.eos_id}))
         self.options = options
+        self.vocab_size = network.config.text.vocab_size
         self.max_context = min(network.config.text.max_position_embeddings, options.max_model_len or 2**62)
         self.runner = ModelRunner(network, features, options)
         blocks = BlockManager(self.runner.num_blocks, options.block_size, options.enable_prefix_cache)
@@ -60,10 +61,7 @@ class Engine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a prepared prompt; returns its id. An over-long prompt or one that can never fit raises here."""
         params = (params or SamplingParams()).with_defaults(self.generation)
-        if not prompt.num_tokens:
-            raise PromptError("the prompt is empty: it needs at least one token")
-        if prompt.num_tokens >= self.max_context:
-            raise PromptError(f"the prompt is {prompt.num_tokens} tokens; the model's context is {self.max_context}")
+        self.check(prompt, params)
         request = Request(
             prompt, params, self.tokenizer.detokenizer(params.stop, params.skip_special_tokens),
             self.generation.eos_token_ids, min(prompt.num_tokens + params.max_new_tokens, self.max_context),
@@ -75,6 +73,17 @@ class Engine:
                 request.request_id = Request.new_id()
         self.scheduler.add(request)
         return request.request_id
+
+    def check(self, prompt: Prompt, params: SamplingParams) -> None:
+        """Raise what add_request would for this pair (a front end asks before it answers 200)."""
+        if not prompt.num_tokens:
+            raise PromptError("the prompt is empty: it needs at least one token")
+        if prompt.num_tokens >= self.max_context:
+            raise PromptError(f"the prompt is {prompt.num_tokens} tokens; the model's context is {self.max_context}")
+        outside = sorted(t for t, _ in params.logit_bias if t >= self.vocab_size)
+        if outside:
+            raise SamplingError(f"logit_bias names token ids outside the vocabulary (0-{self.vocab_size - 1}): "
+                                f"{outside[:5]}")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks; False if it was not running or waiting."""

@@ -273,9 +273,12 @@ def _params(server: Server, body: Any, prompt: Prompt, logprobs: int | None, cho
                             f"completion). Please reduce the length of the prompt or of max_tokens.",
                        param="max_tokens", code="context_length_exceeded")
     seed = None if body.seed is None else body.seed + choice
-    return SamplingParams(max_new_tokens=limit, min_new_tokens=body.min_tokens, temperature=body.temperature,
-                          top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                          seed=seed, stop=body.stops, logprobs=logprobs)
+    params = SamplingParams(max_new_tokens=limit, min_new_tokens=body.min_tokens, temperature=body.temperature,
+                            top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                            logit_bias=body.biases, seed=seed, stop=body.stops, logprobs=logprobs)
+    server.model.engine.check(prompt, params)  # refused now: a stream's 400 needs the status line
+    return params
 
 
 async def _completion_prompts(server: Server, body: CompletionRequest) -> list[tuple[Prompt, str]]:

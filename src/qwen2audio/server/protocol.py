@@ -35,11 +35,20 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> [-100, 100]
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if any(not key.isdigit() or not -100.0 <= value <= 100.0 for key, value in (self.logit_bias or {}).items()):
+            raise ValueError("logit_bias maps token ids (non-negative integers) to values in [-100, 100]")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (this server "
+                             f"has no guided decoding); only 'text'")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > MAX_STOP or any(not s or len(s) > 1000 for s in stops):
             raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings of at most 1000 characters")
@@ -48,6 +57,10 @@ class _Sampling(BaseModel):
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def biases(self) -> dict[int, float]:
+        return {int(key): value for key, value in (self.logit_bias or {}).items()}
 
 
 class ChatMessage(BaseModel):
@@ -63,11 +76,17 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
+        if self.tools:
+            raise ValueError("tools are not supported (Qwen2-Audio has no tool calling)")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice needs tools, and tools are not supported")
         return self
 
     @property
