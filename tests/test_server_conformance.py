@@ -220,6 +220,23 @@ def test_logprobs_zero_still_gives_the_sampled_tokens_logprob(client):
     assert len(content) == 4 and all(e.logprob <= 0 and e.top_logprobs == [] for e in content)
 
 
+def test_text_offsets_point_at_each_tokens_text_also_after_a_stray_byte(client):
+    """This prompt's greedy reply starts with a lone continuation byte (shown as U+FFFD): every
+    whole token's text must sit at its offset, streamed or not."""
+    body = {"model": "tiny", "prompt": "What is an LLM?", "max_tokens": 10, "temperature": 0, "logprobs": 0}
+    choice = client.completions.create(**body).choices[0]
+    text, lp = choice.text, choice.logprobs
+    assert "\ufffd" in text and any(token.startswith("bytes:") for token in lp.tokens)
+    whole = [(token, offset) for token, offset in zip(lp.tokens, lp.text_offset, strict=True)
+             if not token.startswith("bytes:")]
+    assert whole and all(text[offset:offset + len(token)] == token for token, offset in whole), (text, lp)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] <= len(text)
+    chunks = [c.choices[0] for c in client.completions.create(**body, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == text
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == lp.tokens
+
+
 def test_alternatives_are_never_merged_and_bytes_rebuild_the_text(client):
     text = client.completions.create(model="tiny", prompt="今天天气 emoji 😀", max_tokens=12, temperature=0,
                                      logprobs=5)

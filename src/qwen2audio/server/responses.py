@@ -9,6 +9,7 @@ and a client that leaves aborting everything it asked for.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -129,7 +130,7 @@ async def events(reply: Reply, stream: Stream, tokenizer: Tokenizer) -> AsyncIte
             opening = {"role": "assistant", "content": ""} if reply.chat else None
             if reply.chat or choice.echo:
                 yield chunk([_delta(reply, choice.index, choice.echo if opening is None else opening, None, None)])
-        completion, offsets = 0, dict.fromkeys((c.index for c in reply.choices), 0)
+        completion, offsets = 0, {c.index: TextOffsets() for c in reply.choices}
         for _ in range(len(reply.choices)):
             async for item in _drain(queue):
                 if isinstance(item, str):
@@ -138,8 +139,7 @@ async def events(reply: Reply, stream: Stream, tokenizer: Tokenizer) -> AsyncIte
                 choice, output = item
                 logprobs = format_logprobs(tokenizer, output.logprobs, reply.chat, offsets[choice.index]) \
                     if reply.logprobs else None
-                offsets[choice.index] += len(output.delta)
-                if output.delta or output.finished:
+                if output.delta or output.finished or logprobs:  # a byte token's logprob comes before its text
                     content = {"content": output.delta} if reply.chat else output.delta
                     yield chunk([_delta(reply, choice.index, content, logprobs,
                                         output.finish_reason if output.finished else None)])
@@ -194,21 +194,38 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> tuple[str, list[int]]:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
 
-def format_logprobs(tokenizer: Tokenizer, entries: list[dict[str, Any]], chat: bool, start: int = 0) -> dict[str, Any]:
+class TextOffsets:
+    """Each token's character offset in the reply: the characters a UTF-8 decoder has emitted from
+    the tokens before it. A token inside a multi-byte character points at that character; a stray
+    byte counts as the one U+FFFD the text shows for it."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+
+    def next(self, raw: Sequence[int]) -> int:
+        """The offset of the token whose bytes are ``raw``; then move past it."""
+        offset = self._chars
+        self._chars += len(self._decoder.decode(bytes(raw)))
+        return offset
+
+
+def format_logprobs(tokenizer: Tokenizer, entries: list[dict[str, Any]], chat: bool,
+                    offsets: TextOffsets | None = None) -> dict[str, Any]:
     """Chat: ``content`` entries with their top alternatives; completions: the legacy parallel lists
-    (tokens, token_logprobs, top_logprobs, and text_offset: each token's character offset in the
-    reply, counting from ``start``)."""
+    (tokens, token_logprobs, top_logprobs, and text_offset, continuing ``offsets`` across a stream's
+    chunks)."""
     if chat:
         return {"content": [_chat_entry(tokenizer, e) for e in entries]}
-    tokens, offsets, offset = [], [], start
+    offsets = offsets or TextOffsets()
+    tokens, positions = [], []
     for entry in entries:
         name, raw = token_text(tokenizer, entry["token_id"])
         tokens.append(name)
-        offsets.append(offset)
-        offset += len(bytes(raw).decode("utf-8", errors="ignore"))
+        positions.append(offsets.next(raw))
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{token_text(tokenizer, t)[0]: lp for t, lp in e["top"]} for e in entries],
-            "text_offset": offsets}
+            "text_offset": positions}
 
 
 def _chat_entry(tokenizer: Tokenizer, entry: dict[str, Any]) -> dict[str, Any]:
