@@ -213,7 +213,15 @@ def test_logprobs_zero_still_gives_the_sampled_tokens_logprob(client):
     text = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=0)
     lp = text.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
-    assert all(v <= 0 for v in lp.token_logprobs) and all(entry == {} for entry in lp.top_logprobs)
+    # OpenAI: "The API will always return the logprob of the sampled token, so there may be up to
+    # logprobs+1 elements in the response."
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert lp.top_logprobs == [{token: value} for token, value in zip(lp.tokens, lp.token_logprobs, strict=True)]
+    five = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.5, seed=5, logprobs=5)
+    for token, value, top in zip(five.choices[0].logprobs.tokens, five.choices[0].logprobs.token_logprobs,
+                                 five.choices[0].logprobs.top_logprobs, strict=True):
+        others = [v for name, v in top.items() if name != token]
+        assert top[token] == value and (len(top) == 5 or (len(top) == 6 and value < min(others)))
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                            temperature=0, logprobs=True, top_logprobs=0)
     content = reply.choices[0].logprobs.content
@@ -235,6 +243,12 @@ def test_text_offsets_point_at_each_tokens_text_also_after_a_stray_byte(client):
     assert "".join(c.text for c in chunks) == text
     assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
     assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == lp.tokens
+
+
+def test_n_goes_up_to_openais_128(served, client):
+    reply = client.completions.create(model="tiny", prompt="Hi", n=9, max_tokens=1, temperature=1.0)
+    assert sorted(choice.index for choice in reply.choices) == list(range(9))
+    assert_openai_error(post(served, "/v1/completions", {"model": "tiny", "prompt": "Hi", "n": 129}), 400, "n")
 
 
 def test_alternatives_are_never_merged_and_bytes_rebuild_the_text(client):

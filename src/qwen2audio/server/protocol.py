@@ -30,7 +30,7 @@ class _Sampling(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stop: str | list[str] | None = Field(default=None)
-    n: int = Field(default=1, ge=1, le=8)
+    n: int = Field(default=1, ge=1, le=128)  # as OpenAI; --max-pending still bounds the work (429)
     # extensions, as vLLM names them
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)

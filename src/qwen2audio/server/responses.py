@@ -224,8 +224,15 @@ def format_logprobs(tokenizer: Tokenizer, entries: list[dict[str, Any]], chat: b
         tokens.append(name)
         positions.append(offsets.next(raw))
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{token_text(tokenizer, t)[0]: lp for t, lp in e["top"]} for e in entries],
-            "text_offset": positions}
+            "top_logprobs": [_legacy_top(tokenizer, e) for e in entries], "text_offset": positions}
+
+
+def _legacy_top(tokenizer: Tokenizer, entry: dict[str, Any]) -> dict[str, float]:
+    """The most likely tokens and, as OpenAI's completions always add it, the sampled one (so up to
+    logprobs + 1 entries)."""
+    top = dict(entry["top"])
+    top.setdefault(entry["token_id"], entry["logprob"])
+    return {token_text(tokenizer, t)[0]: lp for t, lp in top.items()}
 
 
 def _chat_entry(tokenizer: Tokenizer, entry: dict[str, Any]) -> dict[str, Any]:
