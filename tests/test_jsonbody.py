@@ -45,6 +45,32 @@ def test_bad_bodies_are_body_errors_in_process_and_in_a_child(raw, fragment):
     assert here[0] == in_child[0] == "error" and fragment in here[1] and fragment in in_child[1], (here, in_child)
 
 
-def test_depth_counts_lists_and_objects_and_stops_early():
-    assert jsonbody.depth(1) == 0 and jsonbody.depth([]) == 1 and jsonbody.depth({"a": [{"b": 1}]}) == 3
-    assert jsonbody.depth(json.loads("[" * 500 + "]" * 500), stop_past=10) == 11
+def test_shape_limits_depth_containers_and_values():
+    """Each limit holds exactly: at the limit passes, one past it is a BodyError."""
+    deep = []
+    for _ in range(jsonbody.MAX_DEPTH - 2):  # 63 lists in all
+        deep = [deep]
+    jsonbody.check_shape({"a": deep})  # the object is level 1, the innermost list level 64
+    with pytest.raises(jsonbody.BodyError, match="nests deeper"):
+        jsonbody.check_shape({"a": [deep]})
+    jsonbody.check_shape([{}] * (jsonbody.MAX_CONTAINERS - 1))
+    with pytest.raises(jsonbody.BodyError, match="objects and arrays"):
+        jsonbody.check_shape([{}] * jsonbody.MAX_CONTAINERS)
+    jsonbody.check_shape([0] * (jsonbody.MAX_VALUES - 1))
+    with pytest.raises(jsonbody.BodyError, match="values"):
+        jsonbody.check_shape([0] * jsonbody.MAX_VALUES)
+
+
+def test_a_container_heavy_body_is_refused_by_the_child():
+    raw = b'{"x": [' + b",".join([b"{}"] * (jsonbody.MAX_CONTAINERS + 1)) + b"]}"
+    with pytest.raises(jsonbody.BodyError, match="objects and arrays"):
+        asyncio.run(jsonbody.parse_in_child([raw]))
+
+
+def test_a_child_that_dies_while_fed_small_chunks_is_a_body_error(monkeypatch, tmp_path):
+    """Killed mid-read (out of memory, say): a BodyError (a 400), not a BrokenPipeError (a 500)."""
+    dying = tmp_path / "dying.py"
+    dying.write_text("import os\nos._exit(3)\n")
+    monkeypatch.setattr(jsonbody, "__file__", str(dying))
+    with pytest.raises(jsonbody.BodyError, match="could not be parsed"):
+        asyncio.run(jsonbody.parse_in_child([b" " * 100] * 20_000))

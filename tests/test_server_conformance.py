@@ -251,6 +251,14 @@ def test_n_goes_up_to_openais_128(served, client):
     assert_openai_error(post(served, "/v1/completions", {"model": "tiny", "prompt": "Hi", "n": 129}), 400, "n")
 
 
+def test_special_tokens_left_out_of_the_text_take_no_offset(served, client):
+    start = served[1].processor.tokenizer.encode("<|im_start|>")
+    assert len(start) == 1 and start[0] in served[1].processor.tokenizer.special_ids
+    choice = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0, logprobs=0,
+                                       logit_bias={str(start[0]): 100}).choices[0]
+    assert choice.text == "" and choice.logprobs.text_offset == [0, 0, 0]
+
+
 def test_alternatives_are_never_merged_and_bytes_rebuild_the_text(client):
     text = client.completions.create(model="tiny", prompt="今天天气 emoji 😀", max_tokens=12, temperature=0,
                                      logprobs=5)
@@ -341,6 +349,9 @@ UNSUPPORTED_OR_OUT_OF_RANGE = [
     (chat(logit_bias={"abc": 1}), "logit_bias"),
     (chat(logit_bias={"5": 101}), "logit_bias"),
     (chat(logit_bias={"99999999": 1}), "outside the vocabulary"),
+    (chat(logit_bias={"\u00b2": 1}), "logit_bias"),  # "²".isdigit() is true; int("²") fails
+    (chat(logit_bias={"9" * 5000: 1}), "logit_bias"),  # past int()'s digit limit
+    (chat(logit_bias={str(t): 1 for t in range(301)}), "at most 300"),
     (chat(logit_bias={"99999999": 1}, stream=True), "outside the vocabulary"),
     (chat(response_format={"type": "json_object"}), "response_format"),
     (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools are not supported"),
@@ -354,7 +365,8 @@ def test_sampling_fields_out_of_range_or_unsupported_are_400s_never_ignored(serv
 
 
 def test_a_plain_response_format_and_no_tools_are_fine(served):
-    body = chat(response_format={"type": "text"}, tool_choice="none", presence_penalty=0, logit_bias={})
+    body = chat(response_format={"type": "text"}, tool_choice="none", presence_penalty=None, frequency_penalty=None,
+                logit_bias={str(t): 0.5 for t in range(300)})
     assert post(served, "/v1/chat/completions", body).status_code == 200
 
 

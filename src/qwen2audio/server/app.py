@@ -226,7 +226,7 @@ async def translations(request: Request) -> Response:
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
     """A JSON body (Content-Type application/json, as vLLM requires) validated against ``schema``;
-    large bodies are parsed off the event loop, and nesting past jsonbody.MAX_DEPTH is refused."""
+    large bodies are parsed off the event loop, and bodies shaped past jsonbody's limits are refused."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise APIError(400, f"Unsupported Media Type {media_type or '(none)'!r}: only 'application/json' is allowed")
@@ -275,7 +275,8 @@ def _params(server: Server, body: Any, prompt: Prompt, logprobs: int | None, cho
     seed = None if body.seed is None else body.seed + choice
     params = SamplingParams(max_new_tokens=limit, min_new_tokens=body.min_tokens, temperature=body.temperature,
                             top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                            presence_penalty=body.presence_penalty or 0.0,
+                            frequency_penalty=body.frequency_penalty or 0.0,
                             logit_bias=body.biases, seed=seed, stop=body.stops, logprobs=logprobs)
     server.model.engine.check(prompt, params)  # refused now: a stream's 400 needs the status line
     return params

@@ -6,12 +6,15 @@ extensions where OpenAI is silent); responses are plain dicts built in server/re
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INT64 = (-(2**63), 2**63 - 1)  # seeds: what a 64-bit generator takes (vLLM's range)
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM any number)
+MAX_LOGIT_BIAS = 300  # tokens per request: the bias is applied every step, so one request must not slow all
+TOKEN_ID = re.compile(r"[0-9]{1,9}")  # ASCII digits only ("²".isdigit() is true, int("²") fails)
 
 
 class StreamOptions(BaseModel):
@@ -35,8 +38,8 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # OpenAI: a number or null
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> [-100, 100]
     response_format: dict[str, Any] | None = None
 
@@ -44,7 +47,10 @@ class _Sampling(BaseModel):
     def _check(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if any(not key.isdigit() or not -100.0 <= value <= 100.0 for key, value in (self.logit_bias or {}).items()):
+        bias = self.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens")
+        if any(not TOKEN_ID.fullmatch(key) or not -100.0 <= value <= 100.0 for key, value in bias.items()):
             raise ValueError("logit_bias maps token ids (non-negative integers) to values in [-100, 100]")
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (this server "

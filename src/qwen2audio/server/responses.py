@@ -197,7 +197,8 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> tuple[str, list[int]]:
 class TextOffsets:
     """Each token's character offset in the reply: the characters a UTF-8 decoder has emitted from
     the tokens before it. A token inside a multi-byte character points at that character; a stray
-    byte counts as the one U+FFFD the text shows for it."""
+    byte counts as the one U+FFFD the text shows for it; special tokens, left out of the text, count
+    for nothing."""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -222,7 +223,7 @@ def format_logprobs(tokenizer: Tokenizer, entries: list[dict[str, Any]], chat: b
     for entry in entries:
         name, raw = token_text(tokenizer, entry["token_id"])
         tokens.append(name)
-        positions.append(offsets.next(raw))
+        positions.append(offsets.next(raw if entry["token_id"] not in tokenizer.special_ids else []))
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [_legacy_top(tokenizer, e) for e in entries], "text_offset": positions}
 
