@@ -164,7 +164,7 @@ def test_transcription_formats(client, window_oracle):
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(formats, pool.map(lambda fmt: client.audio.transcriptions.create(
             model="tiny", file=("chirp.wav", data), response_format=fmt,
-            extra_body={"max_completion_tokens": WINDOW_REPLY}), formats), strict=True))
+            extra_body={"max_completion_tokens": WINDOW_REPLY, "segmentation": "fixed"}), formats), strict=True))
     first, second = window_oracle["chirp"]
     assert first and second and first != second  # the random model says something, and not the same twice
     assert results["json"].text == f"{first} {second}"
@@ -188,8 +188,13 @@ def test_transcription_rejects_a_bad_max_completion_tokens(served, value):
 
 def test_translation(client, window_oracle):
     result = client.audio.translations.create(model="tiny", file=("tone.wav", TONE.read_bytes()),
-                                              extra_body={"max_completion_tokens": WINDOW_REPLY})
+                                              extra_body={"max_completion_tokens": WINDOW_REPLY,
+                                                          "segmentation": "fixed"})  # a tone is no speech
     assert result.text == window_oracle["tone"] and result.text
+    assert client.audio.translations.create(model="tiny", file=("tone.wav", TONE.read_bytes())).text == ""
+    with pytest.raises(openai.BadRequestError, match="segmentation"):
+        client.audio.translations.create(model="tiny", file=("tone.wav", TONE.read_bytes()),
+                                         extra_body={"segmentation": "silence"})
 
 
 def test_models_health_metrics(served, client):

@@ -3,6 +3,7 @@
 from qwen2audio.api import Completion, Qwen2Audio, TextDelta
 from qwen2audio.audio.features import FeatureExtractor
 from qwen2audio.audio.io import DEFAULT_MAX_DURATION_S, load_audio
+from qwen2audio.audio.segment import SEGMENTATIONS, plan_windows
 from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingParams
@@ -17,6 +18,7 @@ __all__ = [
     "AUDIO_TOKEN",
     "DEFAULT_MAX_DURATION_S",
     "SAMPLE_RATE",
+    "SEGMENTATIONS",
     "AudioError",
     "CheckpointError",
     "Completion",
@@ -29,4 +31,5 @@ __all__ = [
     "SamplingParams",
     "TextDelta",
     "load_audio",
+    "plan_windows",
 ]

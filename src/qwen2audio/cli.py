@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from qwen2audio import DEFAULT_MAX_DURATION_S
+from qwen2audio import DEFAULT_MAX_DURATION_S, SEGMENTATIONS
 from qwen2audio.errors import CheckpointError, InputError
 
 EXIT_USAGE = 2
@@ -114,7 +114,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
     files = collect_files(args.inputs)
     transcriber = Transcriber(_load_model(args), language=args.language, task=args.task,
-                              max_new_tokens=args.max_new_tokens or WINDOW_TOKENS)
+                              max_new_tokens=args.max_new_tokens or WINDOW_TOKENS, segmentation=args.segmentation)
     results = transcriber.transcribe(files, progress=not args.quiet)
     for result in results:
         text = result.render(args.format)
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt")
     transcribe.add_argument("--output-dir", help="write one file per input here instead of printing")
     transcribe.add_argument("--max-new-tokens", type=int, help="most tokens per 30 s window (default 448)")
+    transcribe.add_argument("--segmentation", choices=SEGMENTATIONS, default="vad",
+                            help="where long audio is cut: in pauses found by voice activity detection (vad), "
+                                 "or every 30 s (fixed)")
     transcribe.set_defaults(handler=_cmd_transcribe)
 
     serve = command("serve", "OpenAI-compatible HTTP server (chat, completions, audio transcriptions)")

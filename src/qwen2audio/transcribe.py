@@ -1,4 +1,4 @@
-"""Transcription and translation of whole files: 30 s windows, batched, with clean text.
+"""Transcription and translation of whole files: windows cut in pauses, batched, with clean text.
 
 Owns cutting long audio into windows (each window one request, so each gets a timestamp), the
 instruction chat checkpoints get, stripping the chatter chat models add around a transcript, and
@@ -20,8 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qwen2audio.api import Qwen2Audio
-from qwen2audio.audio.features import split_windows
 from qwen2audio.audio.io import load_audio
+from qwen2audio.audio.segment import SEGMENTATIONS, Segmentation, plan_windows
 from qwen2audio.engine.async_engine import AsyncEngine
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
 from qwen2audio.errors import InputError
@@ -114,17 +114,22 @@ def _subtitles(segments: Sequence[Segment], fmt: str) -> str:
 
 
 class Transcriber:
-    """Plans one request per 30 s window and runs them all at once through the engine (continuous batching)."""
+    """Plans one request per window (at most 30 s, cut in pauses unless ``segmentation`` is "fixed")
+    and runs them all at once through the engine (continuous batching)."""
 
     def __init__(self, model: Qwen2Audio, language: str | None = None, task: str = "transcribe",
-                 max_new_tokens: int = WINDOW_TOKENS, chat: bool | None = None) -> None:
+                 max_new_tokens: int = WINDOW_TOKENS, chat: bool | None = None,
+                 segmentation: Segmentation = "vad") -> None:
         if task not in ("transcribe", "translate"):
             raise InputError(f"task must be transcribe or translate, not {task!r}")
         if language is not None and not re.fullmatch(r"[a-z]{2,3}", language):
             raise InputError(f"language must be a code like en, zh or yue, not {language!r}")
+        if segmentation not in SEGMENTATIONS:
+            raise InputError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {segmentation!r}")
         self.model = model
         self.language = language
         self.task = task
+        self.segmentation = segmentation
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
         # Base checkpoints ship no chat template and expect the paper's task prompts.
         self.chat = model.processor.chat_template.has_checkpoint_template if chat is None else chat
@@ -142,15 +147,15 @@ class Transcriber:
         return [{"role": "user", "content": [{"type": "audio", "audio": None}, {"type": "text", "text": instruction}]}]
 
     def plan(self, samples: np.ndarray, name: str) -> tuple[Transcript, list[Prompt]]:
-        """A transcript with one empty segment per 30 s window of ``samples``, and each window's prompt."""
+        """A transcript with one empty segment per window of ``samples`` (none for stretches without
+        speech), and each window's prompt."""
         processor = self.model.processor
-        config = processor.feature_extractor.config
         transcript = Transcript(name, language=self.language, task=self.task)
         prompts = []
-        for k, window in enumerate(split_windows(samples, config)):
-            end = min((k + 1) * config.chunk_length, len(samples) / config.sampling_rate)
-            transcript.segments.append(Segment(k * config.chunk_length, end, ""))
-            prompts.append(processor.prepare(self._item(window), iter([window])))
+        for window in plan_windows(samples, self.segmentation, processor.feature_extractor.config.chunk_length):
+            transcript.segments.append(Segment(*window.seconds, ""))
+            clip = samples[window.start:window.end]
+            prompts.append(processor.prepare(self._item(clip), iter([clip])))
         return transcript, prompts
 
     async def run(self, transcript: Transcript, prompts: Sequence[Prompt], generate: Generate) -> Transcript:

@@ -380,7 +380,8 @@ async def _transcription(request: Request, task: str) -> Response:
                        param="response_format")
     language = form.get("language") or None
     transcriber = Transcriber(server.model, language=language if task == "transcribe" else None, task=task,
-                              max_new_tokens=_form_int(form, "max_completion_tokens", WINDOW_TOKENS))
+                              max_new_tokens=_form_int(form, "max_completion_tokens", WINDOW_TOKENS),
+                              segmentation=str(form.get("segmentation") or "vad"))  # an extension: vad|fixed
     samples = await asyncio.to_thread(load_audio, data)
     transcript, prompts = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
     with server.admitted(len(prompts)):

@@ -1,0 +1,108 @@
+"""Where long audio is cut into the model's windows: in pauses, found by voice activity detection.
+
+Cutting every 30 s wherever that lands splits words, garbling both sides of the cut. Here a window
+is at most 30 s and ends where speech pauses (Silero VAD, whose model ships inside the
+``silero-vad`` package, so it works offline); speech that runs on past a window is cut at its
+quietest moment; stretches with no speech get no window at all, so they cost no model call.
+``fixed`` keeps the plain 30 s cuts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import silero_vad
+import torch
+
+from qwen2audio.config import SAMPLE_RATE
+
+logger = logging.getLogger(__name__)
+
+Segmentation = Literal["vad", "fixed"]
+SEGMENTATIONS: tuple[str, ...] = ("vad", "fixed")
+WINDOW_S = 30.0  # the encoder's window (FeatureConfig.chunk_length)
+MIN_WINDOW_S = 0.02  # a window must yield one audio token (more than 20 ms)
+QUIET_FRAME_S = 0.02  # the frame over which "quietest moment" is measured
+_VAD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Window:
+    """Samples [start, end) of the clip, fed to the model as one window."""
+
+    start: int
+    end: int
+
+    @property
+    def seconds(self) -> tuple[float, float]:
+        return self.start / SAMPLE_RATE, self.end / SAMPLE_RATE
+
+
+def plan_windows(samples: np.ndarray, segmentation: Segmentation = "vad", window_s: float = WINDOW_S) -> list[Window]:
+    """The windows a long clip is cut into (16 kHz mono samples), in order."""
+    if segmentation not in SEGMENTATIONS:
+        raise ValueError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {segmentation!r}")
+    size = int(window_s * SAMPLE_RATE)
+    if segmentation == "fixed":
+        windows = [Window(start, min(start + size, len(samples))) for start in range(0, len(samples), size)]
+    else:
+        windows = [piece for start, end in _merge(speech_spans(samples), size)
+                   for piece in _split(samples, start, end, size)]
+    return [w for w in windows if w.end - w.start > MIN_WINDOW_S * SAMPLE_RATE]
+
+
+def speech_spans(samples: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each stretch of speech, padded a little either side (Silero's defaults)."""
+    if len(samples) == 0:
+        return []
+    audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    with _VAD_LOCK:  # the model carries state from chunk to chunk: one clip at a time
+        stamps = silero_vad.get_speech_timestamps(audio, _vad_model(), sampling_rate=SAMPLE_RATE)
+    return [(int(s["start"]), int(s["end"])) for s in stamps]
+
+
+def _merge(spans: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Consecutive speech spans joined into windows of at most ``size`` samples (a lone longer span
+    is left to _split). When more speech follows, a window ends before the longest pause in its
+    second half: a pause between sentences rather than a breath between words."""
+    windows, i = [], 0
+    while i < len(spans):
+        start, last = spans[i][0], i
+        while last + 1 < len(spans) and spans[last + 1][1] - start <= size:
+            last += 1
+        if last + 1 < len(spans):
+            back_half = [k for k in range(i, last + 1) if spans[k][1] - start >= size // 2] or [last]
+            last = max(back_half, key=lambda k: spans[k + 1][0] - spans[k][1])
+        windows.append((start, spans[last][1]))
+        i = last + 1
+    return windows
+
+
+def _split(samples: np.ndarray, start: int, end: int, size: int) -> list[Window]:
+    """Speech longer than a window cut at its quietest 20 ms in the second half of each window."""
+    pieces = []
+    while end - start > size:
+        cut = _quietest(samples, start + size // 2, start + size)
+        pieces.append(Window(start, cut))
+        start = cut
+    pieces.append(Window(start, end))
+    return pieces
+
+
+def _quietest(samples: np.ndarray, low: int, high: int) -> int:
+    frame = int(QUIET_FRAME_S * SAMPLE_RATE)
+    region = samples[low:high]
+    frames = region[: len(region) // frame * frame].reshape(-1, frame).astype(np.float64)
+    return low + int(np.argmin((frames**2).mean(axis=1))) * frame + frame // 2
+
+
+@functools.cache
+def _vad_model() -> Any:
+    logger.debug("loading the Silero VAD model")
+    return silero_vad.load_silero_vad()

@@ -1,0 +1,132 @@
+"""Where long audio is cut, on real speech with known timing: Debian's espeak-ng speaks sentences one
+by one, joined with pauses of known length, so every sentence's interval is known to the sample.
+Fixed 30 s cuts land inside sentences; the VAD windows never do, stay within 30 s, cover every
+sentence, and give a long silence no window (no model call)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from qwen2audio.audio.io import load_audio
+from qwen2audio.audio.segment import WINDOW_S, Window, plan_windows
+from qwen2audio.config import SAMPLE_RATE
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng (see .ci/run)")
+
+SUBJECTS = ["The old lighthouse keeper", "A curious student", "Our neighbour from the coast", "The tired engineer",
+            "A small orange cat", "The conductor of the night train", "My grandmother", "The new museum guide"]
+ACTIONS = ["wrote a long letter about the storm that flooded the harbour last winter",
+           "counted the boats returning slowly to the quiet bay before sunset",
+           "explained why the bridge was closed for repairs during the festival",
+           "remembered the name of every street in the village where she grew up",
+           "carried three heavy boxes of books up the narrow wooden stairs",
+           "listened to the rain on the roof while the radio played softly"]
+
+
+def sentences(count: int) -> list[str]:
+    return [f"{SUBJECTS[k % len(SUBJECTS)]} {ACTIONS[(k * 5) % len(ACTIONS)]}." for k in range(count)]
+
+
+@functools.cache
+def spoken(text: str) -> np.ndarray:
+    """The sentence at 16 kHz, trimmed to where its samples rise above -40 dBFS (so its interval is exact)."""
+    wav = subprocess.run(["espeak-ng", "--stdout", "-s", "165", text], capture_output=True, check=True).stdout
+    samples = load_audio(wav)
+    loud = np.flatnonzero(np.abs(samples) > 0.01)
+    return samples[loud[0]:loud[-1] + 1]
+
+
+def speech(count: int, silence_at: int | None = None, silence_s: float = 60.0) -> tuple[np.ndarray, list[tuple]]:
+    """Sentences joined by pauses of 0.45-1.2 s (seeded), optionally a long silence after sentence
+    ``silence_at``: (samples, [(start, end) of each sentence, in samples])."""
+    rng = np.random.default_rng(5)
+    parts, intervals, position = [], [], 0
+    for k, text in enumerate(sentences(count)):
+        pause = silence_s if k == silence_at else rng.uniform(0.45, 1.2)
+        gap = np.zeros(int(pause * SAMPLE_RATE), dtype=np.float32)
+        clip = spoken(text)
+        parts += [gap, clip]
+        intervals.append((position + len(gap), position + len(gap) + len(clip)))
+        position += len(gap) + len(clip)
+    parts.append(np.zeros(SAMPLE_RATE // 2, dtype=np.float32))
+    return np.concatenate(parts), intervals
+
+
+def cuts_inside(windows: list[Window], intervals: list[tuple]) -> list[int]:
+    """Window edges that fall strictly inside a sentence."""
+    edges = {edge for w in windows for edge in (w.start, w.end)}
+    return sorted(e for e in edges for start, end in intervals if start < e < end)
+
+
+@pytest.fixture(scope="module")
+def five_minutes():
+    samples, intervals = speech(95)
+    assert len(samples) / SAMPLE_RATE >= 300
+    return samples, intervals
+
+
+def test_fixed_cuts_fall_inside_sentences_and_vad_cuts_never_do(five_minutes):
+    samples, intervals = five_minutes
+    fixed = plan_windows(samples, "fixed")
+    assert [w.start for w in fixed] == list(range(0, len(samples), int(WINDOW_S * SAMPLE_RATE)))
+    assert cuts_inside(fixed, intervals), "the fixture should make fixed cuts land inside sentences"
+    windows = plan_windows(samples, "vad")
+    assert not cuts_inside(windows, intervals)
+    assert all(0 < w.end - w.start <= WINDOW_S * SAMPLE_RATE for w in windows)
+    assert all(a.end <= b.start for a, b in itertools.pairwise(windows))
+    assert all(any(w.start <= start and end <= w.end for w in windows) for start, end in intervals)
+
+
+def test_a_long_silence_gets_no_window(five_minutes):
+    samples, intervals = speech(24, silence_at=12)
+    silence = (intervals[11][1], intervals[12][0])
+    assert (silence[1] - silence[0]) / SAMPLE_RATE >= 60
+    windows = plan_windows(samples, "vad")
+    margin = SAMPLE_RATE  # Silero pads speech by a fraction of a second
+    assert not [w for w in windows if w.end > silence[0] + margin and w.start < silence[1] - margin]
+    assert not cuts_inside(windows, intervals)
+    assert plan_windows(np.zeros(90 * SAMPLE_RATE, dtype=np.float32), "vad") == []
+
+
+def test_speech_without_pauses_is_cut_at_its_quietest_moment():
+    """45 s of one sentence after another with no pause at all: the cut lands in the window's second
+    half, at one of the quiet gaps between words rather than at 30 s exactly."""
+    text = " ".join(sentences(14))
+    clip = spoken(text)
+    assert len(clip) / SAMPLE_RATE > 40
+    windows = plan_windows(clip, "vad")
+    size = WINDOW_S * SAMPLE_RATE
+    assert len(windows) >= 2 and all(w.end - w.start <= size for w in windows)
+    cut = windows[0].end
+    assert size / 2 <= cut - windows[0].start <= size
+    frame = clip[cut - 160:cut + 160]
+    assert np.sqrt(np.mean(frame**2)) < 0.2 * np.sqrt(np.mean(clip**2))
+
+
+def test_segmentation_is_checked():
+    with pytest.raises(ValueError, match="segmentation"):
+        plan_windows(np.zeros(16000, dtype=np.float32), "silence")
+
+
+def test_transcription_plans_one_request_per_speech_window(tiny_checkpoint):
+    """The transcriber's segments are the VAD windows' times, and a 60 s silence costs no request,
+    where fixed cuts spend one on nothing but silence."""
+    from qwen2audio.api import Qwen2Audio
+    from qwen2audio.transcribe import Transcriber
+
+    model = Qwen2Audio.from_pretrained(tiny_checkpoint, progress=False)
+    samples, intervals = speech(24, silence_at=12)
+    silence = (intervals[11][1] / SAMPLE_RATE, intervals[12][0] / SAMPLE_RATE)
+    transcript, prompts = Transcriber(model).plan(samples, "talk.wav")
+    assert [(s.start, s.end) for s in transcript.segments] == [w.seconds for w in plan_windows(samples, "vad")]
+    assert len(prompts) == len(transcript.segments)
+    assert not [s for s in transcript.segments if s.end > silence[0] + 1 and s.start < silence[1] - 1]
+    fixed, fixed_prompts = Transcriber(model, segmentation="fixed").plan(samples, "talk.wav")
+    assert len(fixed_prompts) == len(fixed.segments)
+    assert [s for s in fixed.segments if silence[0] <= s.start and s.end <= silence[1]]  # a call on silence
