@@ -415,3 +415,37 @@ def test_a_failing_request_gets_500_and_the_others_continue(served, client, monk
     fine = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert fine.usage.completion_tokens == 3
     assert httpx.get(served[0].url + "/health").status_code == 200
+
+
+def test_transcription_segments_usage_and_form_checks(served, client):
+    """verbose_json's segment fields as the openai SDK types them, computed from the generation:
+    tokens decode to the segment's text, avg_logprob is their mean logprob, compression_ratio is
+    Whisper's zlib ratio; json's usage counts a 3 s clip's 75 audio tokens (300 frames, 150 after
+    the encoder's stride, 75 after pooling)."""
+    import zlib
+
+    tone = ("tone.wav", TONE.read_bytes())
+    fixed = {"max_completion_tokens": WINDOW_REPLY, "segmentation": "fixed"}
+    verbose = client.audio.transcriptions.create(model="tiny", file=tone, response_format="verbose_json",
+                                                 extra_body=fixed)
+    (segment,) = verbose.segments
+    tokenizer = served[1].processor.tokenizer
+    assert segment.tokens and tokenizer.decode(segment.tokens).strip().startswith(segment.text[:5])
+    assert segment.avg_logprob < 0 and segment.temperature == 0.0 and segment.seek == 0 and segment.id == 0
+    data = segment.text.encode()
+    assert segment.compression_ratio == pytest.approx(len(data) / len(zlib.compress(data)))
+    assert 0.0 <= segment.no_speech_prob <= 1.0 and verbose.usage.seconds == verbose.duration == 3.0
+    plain = client.audio.transcriptions.create(model="tiny", file=tone, extra_body=fixed)
+    usage = plain.usage
+    assert usage.type == "tokens" and usage.input_token_details.audio_tokens == 75
+    assert usage.input_tokens == 75 + usage.input_token_details.text_tokens
+    assert usage.output_tokens == len(segment.tokens)
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    warm = client.audio.transcriptions.create(model="tiny", file=tone, response_format="verbose_json",
+                                              temperature=0.7, extra_body=fixed)
+    assert warm.segments[0].temperature == 0.7
+    for bad, param in (({"temperature": "1.5"}, "temperature"), ({"temperature": "hot"}, "temperature"),
+                       ({"language": "xx"}, "language")):
+        response = httpx.post(served[0].url + "/v1/audio/transcriptions", headers={"authorization": f"Bearer {KEY}"},
+                              files={"file": tone}, data={"model": "tiny", **bad}, timeout=60)
+        assert response.status_code == 400 and param in response.json()["error"]["message"], response.text

@@ -114,7 +114,8 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
     files = collect_files(args.inputs)
     transcriber = Transcriber(_load_model(args), language=args.language, task=args.task,
-                              max_new_tokens=args.max_new_tokens or WINDOW_TOKENS, segmentation=args.segmentation)
+                              max_new_tokens=args.max_new_tokens or WINDOW_TOKENS, segmentation=args.segmentation,
+                              details=args.format == "json")
     results = transcriber.transcribe(files, progress=not args.quiet)
     for result in results:
         text = result.render(args.format)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import pathlib
 import re
+import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +22,11 @@ from tqdm.auto import tqdm
 
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.audio.io import load_audio
-from qwen2audio.audio.segment import SEGMENTATIONS, Segmentation, plan_windows
+from qwen2audio.audio.segment import SEGMENTATIONS, Segmentation, no_speech_probability, plan_windows
 from qwen2audio.engine.async_engine import AsyncEngine
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
 from qwen2audio.errors import InputError
-from qwen2audio.text.tasks import language_name, recognition_prompt, translation_prompt
+from qwen2audio.text.tasks import LANGUAGES, language_name, recognition_prompt, translation_prompt
 
 WINDOW_TOKENS = 448  # most tokens a 30 s window's transcript may take (Whisper's limit)
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mp4", ".mka", ".wma"}
@@ -68,9 +69,29 @@ def clean_transcript(text: str) -> str:
 
 @dataclass
 class Segment:
+    """One window's transcript with OpenAI's (Whisper's) segment statistics, computed honestly:
+    ``tokens`` and ``avg_logprob`` from the generated tokens, ``compression_ratio`` from the text
+    (zlib, as Whisper), ``no_speech_prob`` from the VAD."""
+
     start: float
     end: float
     text: str
+    tokens: list[int] = field(default_factory=list)
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        data = self.text.encode("utf-8")
+        return len(data) / len(zlib.compress(data)) if data else 0.0
+
+    def openai(self, index: int) -> dict[str, Any]:
+        """The segment as OpenAI's verbose_json has it (``seek``: its start in 10 ms frames)."""
+        return {"id": index, "seek": round(self.start * 100), "start": self.start, "end": self.end,
+                "text": self.text, "tokens": self.tokens, "temperature": self.temperature,
+                "avg_logprob": self.avg_logprob, "compression_ratio": self.compression_ratio,
+                "no_speech_prob": self.no_speech_prob}
 
 
 @dataclass
@@ -89,7 +110,8 @@ class Transcript:
             return self.text + "\n"
         if fmt == "json":
             return json.dumps({"file": self.path, "task": self.task, "language": self.language, "text": self.text,
-                               "segments": [vars(s) for s in self.segments]}, ensure_ascii=False, indent=2) + "\n"
+                               "segments": [s.openai(i) for i, s in enumerate(self.segments)]},
+                              ensure_ascii=False, indent=2) + "\n"
         if fmt in ("srt", "vtt"):
             return _subtitles(self.segments, fmt)
         raise InputError(f"unknown format {fmt!r} (txt, json, srt, vtt)")
@@ -119,18 +141,22 @@ class Transcriber:
 
     def __init__(self, model: Qwen2Audio, language: str | None = None, task: str = "transcribe",
                  max_new_tokens: int = WINDOW_TOKENS, chat: bool | None = None,
-                 segmentation: Segmentation = "vad") -> None:
+                 segmentation: Segmentation = "vad", temperature: float = 0.0, details: bool = False) -> None:
         if task not in ("transcribe", "translate"):
             raise InputError(f"task must be transcribe or translate, not {task!r}")
-        if language is not None and not re.fullmatch(r"[a-z]{2,3}", language):
-            raise InputError(f"language must be a code like en, zh or yue, not {language!r}")
+        if language is not None and language not in LANGUAGES:
+            raise InputError(f"language {language!r} is not one this model knows: {', '.join(sorted(LANGUAGES))}")
         if segmentation not in SEGMENTATIONS:
             raise InputError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {segmentation!r}")
         self.model = model
         self.language = language
         self.task = task
         self.segmentation = segmentation
-        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+        if not 0.0 <= temperature <= 1.0:
+            raise InputError(f"temperature must be in [0, 1], not {temperature}")
+        # ``details``: each token's logprob for avg_logprob (a logprob request skips pipelined decoding).
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, repetition_penalty=1.0,
+                                     logprobs=0 if details else None)
         # Base checkpoints ship no chat template and expect the paper's task prompts.
         self.chat = model.processor.chat_template.has_checkpoint_template if chat is None else chat
 
@@ -153,26 +179,29 @@ class Transcriber:
         transcript = Transcript(name, language=self.language, task=self.task)
         prompts = []
         for window in plan_windows(samples, self.segmentation, processor.feature_extractor.config.chunk_length):
-            transcript.segments.append(Segment(*window.seconds, ""))
             clip = samples[window.start:window.end]
+            transcript.segments.append(Segment(*window.seconds, "", no_speech_prob=no_speech_probability(clip),
+                                               temperature=self.params.temperature))
             prompts.append(processor.prepare(self._item(clip), iter([clip])))
         return transcript, prompts
 
     async def run(self, transcript: Transcript, prompts: Sequence[Prompt], generate: Generate) -> Transcript:
         """The driver: every window's request at once through ``generate`` (an AsyncEngine's, or a
         server's that also counts metrics), each segment filled with its cleaned text."""
-        texts = await asyncio.gather(*(self._text(generate, prompt, transcript.path) for prompt in prompts))
-        for segment, text in zip(transcript.segments, texts, strict=True):
-            segment.text = clean_transcript(text)
+        await asyncio.gather(*(self._fill(segment, generate, prompt, transcript.path)
+                               for segment, prompt in zip(transcript.segments, prompts, strict=True)))
         return transcript
 
-    async def _text(self, generate: Generate, prompt: Prompt, name: str) -> str:
-        parts = []
+    async def _fill(self, segment: Segment, generate: Generate, prompt: Prompt, name: str) -> None:
+        parts, logprobs = [], []
         async for output in generate(prompt, self.params):
             if output.error:
                 raise RuntimeError(f"{name}: {output.error}")
             parts.append(output.delta)
-        return "".join(parts)
+            segment.tokens.extend(output.token_ids)
+            logprobs.extend(entry["logprob"] for entry in output.logprobs)
+        segment.text = clean_transcript("".join(parts))
+        segment.avg_logprob = sum(logprobs) / len(logprobs) if logprobs else 0.0
 
     def transcribe(self, files: Sequence[pathlib.Path | str], progress: bool = True) -> list[Transcript]:
         """Every window of every file at once; files are decoded first, so a bad one fails before any work."""

@@ -67,6 +67,18 @@ def speech_spans(samples: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s["start"]), int(s["end"])) for s in stamps]
 
 
+def no_speech_probability(samples: np.ndarray) -> float:
+    """1 - the VAD's highest speech probability over the clip's 32 ms frames (Whisper's
+    no_speech_prob, estimated by the VAD rather than by a decoder token)."""
+    if len(samples) == 0:
+        return 1.0
+    audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    with _VAD_LOCK, torch.inference_mode():
+        probabilities = _vad_model().audio_forward(audio, sr=SAMPLE_RATE)
+        _vad_model().reset_states()
+    return float(1.0 - probabilities.max())
+
+
 def _merge(spans: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     """Consecutive speech spans joined into windows of at most ``size`` samples (a lone longer span
     is left to _split). When more speech follows, a window ends before the longest pause in its

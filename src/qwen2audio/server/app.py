@@ -381,21 +381,42 @@ async def _transcription(request: Request, task: str) -> Response:
     language = form.get("language") or None
     transcriber = Transcriber(server.model, language=language if task == "transcribe" else None, task=task,
                               max_new_tokens=_form_int(form, "max_completion_tokens", WINDOW_TOKENS),
-                              segmentation=str(form.get("segmentation") or "vad"))  # an extension: vad|fixed
+                              segmentation=str(form.get("segmentation") or "vad"),  # an extension: vad|fixed
+                              temperature=_form_float(form, "temperature", 0.0), details=fmt == "verbose_json")
     samples = await asyncio.to_thread(load_audio, data)
     transcript, prompts = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
     with server.admitted(len(prompts)):
         await responses.until_disconnected(request, transcriber.run(transcript, prompts, server.stream))
+    duration = len(samples) / SAMPLE_RATE
     if fmt == "json":
-        return JSONResponse({"text": transcript.text})
+        return JSONResponse({"text": transcript.text, "usage": _transcription_usage(prompts, transcript)})
     if fmt == "text":
         return PlainTextResponse(transcript.text)
     if fmt in ("srt", "vtt"):
         return PlainTextResponse(transcript.render(fmt))
-    return JSONResponse({"task": task, "language": language or "unknown", "duration": len(samples) / SAMPLE_RATE,
-                         "text": transcript.text,
-                         "segments": [{"id": i, "start": s.start, "end": s.end, "text": s.text}
-                                      for i, s in enumerate(transcript.segments)]})
+    return JSONResponse({"task": task, "language": language or "unknown", "duration": duration,
+                         "text": transcript.text, "segments": [s.openai(i) for i, s in enumerate(transcript.segments)],
+                         "usage": {"type": "duration", "seconds": duration}})
+
+
+def _transcription_usage(prompts: Sequence[Prompt], transcript: Any) -> dict[str, Any]:
+    """OpenAI's token usage of a transcription: every window's prompt (audio and text) and reply."""
+    audio = sum(sum(prompt.lengths) for prompt in prompts)
+    text = sum(prompt.num_tokens for prompt in prompts) - audio
+    output = sum(len(segment.tokens) for segment in transcript.segments)
+    return {"type": "tokens", "input_tokens": audio + text, "output_tokens": output,
+            "total_tokens": audio + text + output, "input_token_details": {"audio_tokens": audio, "text_tokens": text}}
+
+
+def _form_float(form: Any, name: str, default: float) -> float:
+    """A number form field (absent: ``default``); the range is the consumer's to check."""
+    value = form.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(str(value))
+    except ValueError:
+        raise APIError(400, f"{name} must be a number, not {str(value)[:40]!r}", param=name) from None
 
 
 def _form_int(form: Any, name: str, default: int) -> int:
