@@ -449,3 +449,18 @@ def test_transcription_segments_usage_and_form_checks(served, client):
         response = httpx.post(served[0].url + "/v1/audio/transcriptions", headers={"authorization": f"Bearer {KEY}"},
                               files={"file": tone}, data={"model": "tiny", **bad}, timeout=60)
         assert response.status_code == 400 and param in response.json()["error"]["message"], response.text
+
+
+def test_streamed_transcription_deltas_join_to_the_whole_text(client):
+    """OpenAI's transcript.text.delta events, one per window in order, then transcript.text.done;
+    joined, the deltas are the non-streamed (greedy) text."""
+    clip = ("chirp.wav", (DATA / "chirp_40s_22k.wav").read_bytes())
+    fixed = {"max_completion_tokens": WINDOW_REPLY, "segmentation": "fixed"}  # two windows
+    whole = client.audio.transcriptions.create(model="tiny", file=clip, extra_body=fixed)
+    events = list(client.audio.transcriptions.create(model="tiny", file=clip, stream=True, extra_body=fixed))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    (done,) = [e for e in events if e.type == "transcript.text.done"]
+    assert len(deltas) == 2 and events[-1] is done
+    assert "".join(deltas) == done.text == whole.text
+    assert done.usage.total_tokens == whole.usage.total_tokens
+

@@ -26,6 +26,7 @@ from qwen2audio.server.app import ServerOptions, create_app
 from qwen2audio.server.media import MediaPolicy
 
 from serving import Running
+from speech import HAVE_ESPEAK, speech
 
 DATA = pathlib.Path(__file__).parent / "data"
 TONE = DATA / "tone_440hz_3s.wav"
@@ -568,3 +569,26 @@ def test_health_is_503_until_the_engine_runs(served):
     response = asyncio.run(ask())
     assert response.status_code == 503 and response.json() == {"status": "unavailable"}
     assert httpx.get(served[0].url + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="needs Debian's espeak-ng (see .ci/run)")
+def test_three_minutes_of_speech_stream_window_by_window(client):
+    """Three minutes of spoken sentences (MP3), cut in pauses: the streamed
+    deltas, one per window, join to the non-streamed greedy text."""
+    import io
+
+    import soundfile
+
+    samples, _ = speech(58)
+    assert len(samples) >= 180 * 16000
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, 16000, format="MP3", subtype="MPEG_LAYER_III")
+    clip = ("talk.mp3", buffer.getvalue())
+    short = {"max_completion_tokens": 12}
+    whole = client.audio.transcriptions.create(model="tiny", file=clip, response_format="verbose_json",
+                                               extra_body=short)
+    events = list(client.audio.transcriptions.create(model="tiny", file=clip, stream=True, extra_body=short))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert len(whole.segments) >= 6 and all(s.end - s.start <= 30 for s in whole.segments)
+    assert len(deltas) == len([s for s in whole.segments if s.text])
+    assert "".join(deltas) == events[-1].text == whole.text

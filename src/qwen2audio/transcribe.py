@@ -188,9 +188,27 @@ class Transcriber:
     async def run(self, transcript: Transcript, prompts: Sequence[Prompt], generate: Generate) -> Transcript:
         """The driver: every window's request at once through ``generate`` (an AsyncEngine's, or a
         server's that also counts metrics), each segment filled with its cleaned text."""
-        await asyncio.gather(*(self._fill(segment, generate, prompt, transcript.path)
-                               for segment, prompt in zip(transcript.segments, prompts, strict=True)))
+        async for _ in self.stream(transcript, prompts, generate):
+            pass
         return transcript
+
+    async def stream(self, transcript: Transcript, prompts: Sequence[Prompt], generate: Generate) -> AsyncIterator[str]:
+        """Every window's request at once; each window's text as a delta once it and the windows
+        before it are done, so the deltas joined are ``transcript.text``. Leaving early cancels the
+        requests still running (which aborts them)."""
+        tasks = [asyncio.ensure_future(self._fill(segment, generate, prompt, transcript.path))
+                 for segment, prompt in zip(transcript.segments, prompts, strict=True)]
+        try:
+            said = False
+            for segment, task in zip(transcript.segments, tasks, strict=True):
+                await task
+                if segment.text:
+                    yield (" " if said else "") + segment.text
+                    said = True
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _fill(self, segment: Segment, generate: Generate, prompt: Prompt, name: str) -> None:
         parts, logprobs = [], []

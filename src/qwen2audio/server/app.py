@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import pathlib
 import time
@@ -385,6 +386,10 @@ async def _transcription(request: Request, task: str) -> Response:
                               temperature=_form_float(form, "temperature", 0.0), details=fmt == "verbose_json")
     samples = await asyncio.to_thread(load_audio, data)
     transcript, prompts = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
+    if str(form.get("stream") or "false").lower() == "true":
+        server.check_capacity(len(prompts))
+        events = _transcript_events(transcriber, transcript, prompts, server.stream)
+        return StreamingResponse(_held(server, len(prompts), events), media_type="text/event-stream")
     with server.admitted(len(prompts)):
         await responses.until_disconnected(request, transcriber.run(transcript, prompts, server.stream))
     duration = len(samples) / SAMPLE_RATE
@@ -397,6 +402,17 @@ async def _transcription(request: Request, task: str) -> Response:
     return JSONResponse({"task": task, "language": language or "unknown", "duration": duration,
                          "text": transcript.text, "segments": [s.openai(i) for i, s in enumerate(transcript.segments)],
                          "usage": {"type": "duration", "seconds": duration}})
+
+
+async def _transcript_events(transcriber: Transcriber, transcript: Any, prompts: Sequence[Prompt],
+                             generate: Any) -> AsyncIterator[str]:
+    """OpenAI's streamed transcription: a transcript.text.delta per window as windows finish, in
+    order, then transcript.text.done with the whole text and the token usage."""
+    async for delta in transcriber.stream(transcript, prompts, generate):
+        yield f"data: {json.dumps({'type': 'transcript.text.delta', 'delta': delta}, ensure_ascii=False)}\n\n"
+    done = {"type": "transcript.text.done", "text": transcript.text, "usage": _transcription_usage(prompts, transcript)}
+    yield f"data: {json.dumps(done, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _transcription_usage(prompts: Sequence[Prompt], transcript: Any) -> dict[str, Any]:
