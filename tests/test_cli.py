@@ -161,6 +161,23 @@ def test_transcribe_long_audio_into_srt_vtt_and_json(checkpoint, oracle, tmp_pat
     assert doc["segments"][1]["text"] == clean_transcript(expected) and doc["segments"][1]["text"]
 
 
+def test_transcribe_goes_on_past_a_bad_file_and_exits_1(checkpoint, tmp_path, main):
+    """Each file is written as it completes; an undecodable one is reported on stderr, the summary
+    names it, and the exit status is 1 (a single bad file stays a usage error: exit 2)."""
+    good = DATA / "tone_440hz_3s.wav"
+    result = main("transcribe", "--model", checkpoint, good, DATA / "random_bytes.wav", "--format", "json",
+                  "--output-dir", tmp_path, "--max-new-tokens", 4, "--quiet", "--segmentation", "fixed")
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if "cannot decode audio" in line]
+    assert "random_bytes.wav" in line
+    assert "1 of 2 files transcribed; failed: " in result.stderr
+    doc = json.loads((tmp_path / "tone_440hz_3s.json").read_text())
+    assert [(s["start"], s["end"]) for s in doc["segments"]] == [(0.0, 3.0)] and doc["segments"][0]["tokens"]
+    assert not (tmp_path / "random_bytes.json").exists()
+    alone = main("transcribe", "--model", checkpoint, DATA / "random_bytes.wav", "--quiet")
+    assert alone.returncode == 2 and "cannot decode audio" in alone.stderr
+
+
 def test_clean_transcript_strips_chat_model_chatter():
     assert clean_transcript("The original content of this audio is: 'Hello there.'") == "Hello there."
     assert clean_transcript("<|en|>Hello there.") == "Hello there."

@@ -116,20 +116,31 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     transcriber = Transcriber(_load_model(args), language=args.language, task=args.task,
                               max_new_tokens=args.max_new_tokens or WINDOW_TOKENS, segmentation=args.segmentation,
                               details=args.format == "json")
-    results = transcriber.transcribe(files, progress=not args.quiet)
-    for result in results:
-        text = result.render(args.format)
-        if args.output_dir:
-            from pathlib import Path
+    results = transcriber.transcribe(files, progress=not args.quiet,
+                                     on_done=lambda result: _write_transcript(result, args, many=len(files) > 1))
+    failed = [result for result in results if result.error]
+    if len(results) > 1:
+        print(f"{len(results) - len(failed)} of {len(results)} files transcribed"
+              + (f"; failed: {', '.join(r.path for r in failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
 
-            out_dir = Path(args.output_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"{Path(result.path).stem}.{args.format}").write_text(text, encoding="utf-8")
-        else:
-            if len(results) > 1:
-                print(f"==> {result.path} <==")
-            sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    return 0
+
+def _write_transcript(result: Any, args: argparse.Namespace, many: bool) -> None:
+    """One file's transcript, written as soon as it is done (a file that failed: one line on stderr)."""
+    if result.error:
+        print(result.error if result.path in result.error else f"{result.path}: {result.error}", file=sys.stderr)
+        return
+    text = result.render(args.format)
+    if args.output_dir:
+        from pathlib import Path
+
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{Path(result.path).stem}.{args.format}").write_text(text, encoding="utf-8")
+    else:
+        if many:
+            print(f"==> {result.path} <==")
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

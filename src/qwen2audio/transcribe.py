@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.audio.io import load_audio
 from qwen2audio.audio.segment import SEGMENTATIONS, Segmentation, no_speech_probability, plan_windows
+from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.engine.async_engine import AsyncEngine
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
 from qwen2audio.errors import InputError
@@ -100,6 +101,8 @@ class Transcript:
     segments: list[Segment] = field(default_factory=list)
     language: str | None = None
     task: str = "transcribe"
+    duration: float = 0.0  # seconds of audio
+    error: str | None = None  # why this file could not be transcribed (the others went on)
 
     @property
     def text(self) -> str:
@@ -176,7 +179,7 @@ class Transcriber:
         """A transcript with one empty segment per window of ``samples`` (none for stretches without
         speech), and each window's prompt."""
         processor = self.model.processor
-        transcript = Transcript(name, language=self.language, task=self.task)
+        transcript = Transcript(name, language=self.language, task=self.task, duration=len(samples) / SAMPLE_RATE)
         prompts = []
         for window in plan_windows(samples, self.segmentation, processor.feature_extractor.config.chunk_length):
             clip = samples[window.start:window.end]
@@ -221,21 +224,36 @@ class Transcriber:
         segment.text = clean_transcript("".join(parts))
         segment.avg_logprob = sum(logprobs) / len(logprobs) if logprobs else 0.0
 
-    def transcribe(self, files: Sequence[pathlib.Path | str], progress: bool = True) -> list[Transcript]:
-        """Every window of every file at once; files are decoded first, so a bad one fails before any work."""
-        planned = [self.plan(load_audio(path), str(path)) for path in files]
+    def transcribe(self, files: Sequence[pathlib.Path | str], progress: bool = True,
+                   on_done: Callable[[Transcript], None] | None = None) -> list[Transcript]:
+        """Every window of every file at once; ``on_done`` gets each transcript as its file completes.
+        Files are decoded first; with several, one that cannot be comes back with ``error`` set and
+        the others go on (a single file's error is raised)."""
+        planned = [self._plan_file(path, keep_going=len(files) > 1) for path in files]
         engine = AsyncEngine(self.model.engine)
         try:
-            return asyncio.run(self._run_all(planned, engine.generate, progress))
+            return asyncio.run(self._run_all(planned, engine.generate, progress, on_done))
         finally:
             engine.shutdown()
 
+    def _plan_file(self, path: pathlib.Path | str, keep_going: bool) -> tuple[Transcript, list[Prompt]]:
+        try:
+            return self.plan(load_audio(path), str(path))
+        except InputError as exc:
+            if not keep_going:
+                raise
+            return Transcript(str(path), language=self.language, task=self.task, error=str(exc)), []
+
     async def _run_all(self, planned: Sequence[tuple[Transcript, list[Prompt]]], generate: Generate,
-                       progress: bool) -> list[Transcript]:
-        with tqdm(total=len(planned), unit="file", desc="transcribing", disable=not progress) as bar:
+                       progress: bool, on_done: Callable[[Transcript], None] | None) -> list[Transcript]:
+        total = sum(transcript.duration for transcript, _ in planned)
+        with tqdm(total=round(total), unit="s", desc="transcribing (audio seconds)", disable=not progress) as bar:
             async def one(transcript: Transcript, prompts: list[Prompt]) -> Transcript:
-                await self.run(transcript, prompts, generate)
-                bar.update(1)
+                if transcript.error is None:
+                    await self.run(transcript, prompts, generate)
+                bar.update(round(transcript.duration))
+                if on_done is not None:
+                    on_done(transcript)
                 return transcript
 
             return list(await asyncio.gather(*(one(t, p) for t, p in planned)))
