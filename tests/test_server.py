@@ -9,6 +9,7 @@ import socket
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -464,3 +465,29 @@ def test_streamed_transcription_deltas_join_to_the_whole_text(client):
     assert "".join(deltas) == done.text == whole.text
     assert done.usage.total_tokens == whole.usage.total_tokens
 
+
+
+def test_transcription_timestamp_granularities_and_prompt(served, client):
+    """Segment timestamps are what we have; word timestamps are a clear 400, as is a granularity
+    outside verbose_json (OpenAI's rule). The prompt reaches a chat checkpoint's instruction."""
+    from qwen2audio.errors import InputError
+    from qwen2audio.transcribe import Transcriber
+
+    tone = ("tone.wav", TONE.read_bytes())
+    fixed = {"max_completion_tokens": WINDOW_REPLY, "segmentation": "fixed"}
+    verbose = client.audio.transcriptions.create(model="tiny", file=tone, response_format="verbose_json",
+                                                 timestamp_granularities=["segment"], extra_body=fixed)
+    assert len(verbose.segments) == 1
+    with pytest.raises(openai.BadRequestError, match="word"):
+        client.audio.transcriptions.create(model="tiny", file=tone, response_format="verbose_json",
+                                           timestamp_granularities=["word", "segment"], extra_body=fixed)
+    with pytest.raises(openai.BadRequestError, match="verbose_json"):
+        client.audio.transcriptions.create(model="tiny", file=tone, timestamp_granularities=["segment"],
+                                           extra_body=fixed)
+    model = served[1]
+    assert model.processor.chat_template.has_checkpoint_template  # the tiny checkpoint ships a chat template
+    instruction = Transcriber(model, context="Kubernetes, etcd")._item(np.zeros(16000))[0]["content"][1]["text"]
+    assert "Kubernetes, etcd" in instruction
+    assert client.audio.transcriptions.create(model="tiny", file=tone, prompt="Kubernetes", extra_body=fixed).text
+    with pytest.raises(InputError, match="chat checkpoint"):  # base checkpoints: the paper's fixed task prompts
+        Transcriber(model, chat=False, context="Kubernetes")

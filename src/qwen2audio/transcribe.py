@@ -144,7 +144,8 @@ class Transcriber:
 
     def __init__(self, model: Qwen2Audio, language: str | None = None, task: str = "transcribe",
                  max_new_tokens: int = WINDOW_TOKENS, chat: bool | None = None,
-                 segmentation: Segmentation = "vad", temperature: float = 0.0, details: bool = False) -> None:
+                 segmentation: Segmentation = "vad", temperature: float = 0.0, details: bool = False,
+                 context: str | None = None) -> None:
         if task not in ("transcribe", "translate"):
             raise InputError(f"task must be transcribe or translate, not {task!r}")
         if language is not None and language not in LANGUAGES:
@@ -162,6 +163,9 @@ class Transcriber:
                                      logprobs=0 if details else None)
         # Base checkpoints ship no chat template and expect the paper's task prompts.
         self.chat = model.processor.chat_template.has_checkpoint_template if chat is None else chat
+        if context and not self.chat:
+            raise InputError("a transcription prompt needs a chat checkpoint (the base model's task prompts take none)")
+        self.context = context  # OpenAI's `prompt`: told to the model in the instruction
 
     def prompt(self) -> str | list[dict[str, Any]]:
         """The raw task prompt (base checkpoints) or a one-turn conversation with its audio part empty."""
@@ -173,6 +177,8 @@ class Transcriber:
         else:
             instruction = (f"Transcribe the speech verbatim.{spoken} Reply with the transcript only, "
                            "without quotes or any other words.")
+        if self.context:
+            instruction += f" Context (earlier words, names and terms to expect): {self.context}"
         return [{"role": "user", "content": [{"type": "audio", "audio": None}, {"type": "text", "text": instruction}]}]
 
     def plan(self, samples: np.ndarray, name: str) -> tuple[Transcript, list[Prompt]]:

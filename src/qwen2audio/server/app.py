@@ -380,10 +380,18 @@ async def _transcription(request: Request, task: str) -> Response:
         raise APIError(400, f"response_format {fmt!r} is not one of json, text, srt, vtt, verbose_json",
                        param="response_format")
     language = form.get("language") or None
+    granularities = set(form.getlist("timestamp_granularities[]")) | set(form.getlist("timestamp_granularities"))
+    if granularities - {"segment"}:
+        raise APIError(400, f"timestamp_granularities {sorted(granularities - {'segment'})} not supported: only "
+                            f"'segment' (no word aligner runs offline here)", param="timestamp_granularities")
+    if granularities and fmt != "verbose_json":
+        raise APIError(400, "timestamp_granularities needs response_format verbose_json",
+                       param="timestamp_granularities")
     transcriber = Transcriber(server.model, language=language if task == "transcribe" else None, task=task,
                               max_new_tokens=_form_int(form, "max_completion_tokens", WINDOW_TOKENS),
                               segmentation=str(form.get("segmentation") or "vad"),  # an extension: vad|fixed
-                              temperature=_form_float(form, "temperature", 0.0), details=fmt == "verbose_json")
+                              temperature=_form_float(form, "temperature", 0.0), details=fmt == "verbose_json",
+                              context=str(form.get("prompt") or "") or None)
     samples = await asyncio.to_thread(load_audio, data)
     transcript, prompts = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
     if str(form.get("stream") or "false").lower() == "true":
