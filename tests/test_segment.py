@@ -89,3 +89,16 @@ def test_transcription_plans_one_request_per_speech_window(tiny_checkpoint):
     fixed, fixed_prompts = Transcriber(model, segmentation="fixed").plan(samples, "talk.wav")
     assert len(fixed_prompts) == len(fixed.segments)
     assert [s for s in fixed.segments if silence[0] <= s.start and s.end <= silence[1]]  # a call on silence
+
+
+def test_the_vad_leaves_torchs_thread_count_alone():
+    """silero_vad sets torch's thread count to 1 when imported: for the whole process, every model
+    would run on one core. A fresh interpreter, so the import happens here."""
+    import subprocess
+    import sys
+
+    code = ("import numpy, torch; torch.set_num_threads(2); import qwen2audio; "
+            "from qwen2audio.audio.segment import plan_windows; plan_windows(numpy.zeros(32000, numpy.float32)); "
+            "print(torch.get_num_threads())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "2"

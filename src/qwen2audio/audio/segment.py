@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import silero_vad
 import torch
 
 from qwen2audio.config import SAMPLE_RATE
@@ -63,7 +62,7 @@ def speech_spans(samples: np.ndarray) -> list[tuple[int, int]]:
         return []
     audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     with _VAD_LOCK:  # the model carries state from chunk to chunk: one clip at a time
-        stamps = silero_vad.get_speech_timestamps(audio, _vad_model(), sampling_rate=SAMPLE_RATE)
+        stamps = _silero().get_speech_timestamps(audio, _vad_model(), sampling_rate=SAMPLE_RATE)
     return [(int(s["start"]), int(s["end"])) for s in stamps]
 
 
@@ -115,6 +114,17 @@ def _quietest(samples: np.ndarray, low: int, high: int) -> int:
 
 
 @functools.cache
+def _silero() -> Any:
+    """The silero_vad module, imported on first use: importing it sets torch's thread count to 1
+    for the whole process (a 2-core machine ran everything at half speed), which is undone here."""
+    threads = torch.get_num_threads()
+    import silero_vad
+
+    torch.set_num_threads(threads)
+    return silero_vad
+
+
+@functools.cache
 def _vad_model() -> Any:
     logger.debug("loading the Silero VAD model")
-    return silero_vad.load_silero_vad()
+    return _silero().load_silero_vad()
