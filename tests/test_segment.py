@@ -6,6 +6,7 @@ sentence, and give a long silence no window (no model call)."""
 from __future__ import annotations
 
 import itertools
+import pathlib
 
 import numpy as np
 import pytest
@@ -102,3 +103,12 @@ def test_the_vad_leaves_torchs_thread_count_alone():
             "print(torch.get_num_threads())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "2"
+
+
+def test_no_speech_probability_tells_a_tone_from_a_sentence():
+    from qwen2audio.audio.io import load_audio
+    from qwen2audio.audio.segment import no_speech_probability
+
+    tone = load_audio(pathlib.Path(__file__).parent / "data" / "tone_440hz_3s.wav")
+    assert no_speech_probability(tone) > 0.9 > 0.1 > no_speech_probability(spoken(sentences(1)[0]))
+    assert no_speech_probability(np.zeros(0, dtype=np.float32)) == 1.0

@@ -435,7 +435,7 @@ def test_transcription_segments_usage_and_form_checks(served, client):
     assert segment.avg_logprob < 0 and segment.temperature == 0.0 and segment.seek == 0 and segment.id == 0
     data = segment.text.encode()
     assert segment.compression_ratio == pytest.approx(len(data) / len(zlib.compress(data)))
-    assert 0.0 <= segment.no_speech_prob <= 1.0 and verbose.usage.seconds == verbose.duration == 3.0
+    assert segment.no_speech_prob > 0.9 and verbose.usage.seconds == verbose.duration == 3.0  # a tone is no speech
     plain = client.audio.transcriptions.create(model="tiny", file=tone, extra_body=fixed)
     usage = plain.usage
     assert usage.type == "tokens" and usage.input_token_details.audio_tokens == 75

@@ -158,7 +158,9 @@ class Transcriber:
         self.segmentation = segmentation
         if not 0.0 <= temperature <= 1.0:
             raise InputError(f"temperature must be in [0, 1], not {temperature}")
-        # ``details``: each token's logprob for avg_logprob (a logprob request skips pipelined decoding).
+        # ``details``: each token's logprob for avg_logprob (a logprob request skips pipelined decoding)
+        # and the VAD's no_speech_prob, for the formats that show them.
+        self.details = details
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, repetition_penalty=1.0,
                                      logprobs=0 if details else None)
         # Base checkpoints ship no chat template and expect the paper's task prompts.
@@ -189,7 +191,8 @@ class Transcriber:
         prompts = []
         for window in plan_windows(samples, self.segmentation, processor.feature_extractor.config.chunk_length):
             clip = samples[window.start:window.end]
-            transcript.segments.append(Segment(*window.seconds, "", no_speech_prob=no_speech_probability(clip),
+            no_speech = no_speech_probability(clip) if self.details else 0.0  # a second VAD pass: only if shown
+            transcript.segments.append(Segment(*window.seconds, "", no_speech_prob=no_speech,
                                                temperature=self.params.temperature))
             prompts.append(processor.prepare(self._item(clip), iter([clip])))
         return transcript, prompts
