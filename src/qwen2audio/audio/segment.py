@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from qwen2audio.config import SAMPLE_RATE
 logger = logging.getLogger(__name__)
 
 Segmentation = Literal["vad", "fixed"]
-SEGMENTATIONS: tuple[str, ...] = ("vad", "fixed")
+SEGMENTATIONS: tuple[str, ...] = get_args(Segmentation)
 WINDOW_S = 30.0  # the encoder's window (FeatureConfig.chunk_length)
 MIN_WINDOW_S = 0.02  # a window must yield one audio token (more than 20 ms)
 QUIET_FRAME_S = 0.02  # the frame over which "quietest moment" is measured

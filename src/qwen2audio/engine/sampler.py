@@ -49,9 +49,10 @@ class Sampler:
         slots = self._seen.slots([requests[i] for i in penalized], logits.shape[-1], self.to_device)
         counted = [i for i, r in enumerate(requests) if r.params.counts_output]
         count_rows = self.to_device(counted, torch.long) if counted else None
-        count_slots = self._counts.slots([requests[i] for i in counted], logits.shape[-1], self.to_device)
+        chosen = [requests[i] for i in counted]
+        count_slots = self._counts.slots(chosen, logits.shape[-1], self.to_device)
         logits = self._penalize(logits.clone(), requests, rows, slots)
-        logits = self._bias(logits, requests, lag, count_rows, count_slots)
+        logits = self._bias(logits, requests, lag, chosen, count_rows, count_slots)
         flags = [r.params.greedy for r in requests]
         tokens = logits.argmax(dim=-1)  # [S]
         if not all(flags):
@@ -87,14 +88,14 @@ class Sampler:
         return logits
 
     def _bias(
-        self, logits: torch.Tensor, requests: Sequence[Request], lag: int, rows: torch.Tensor | None,
-        slots: torch.Tensor | None,
+        self, logits: torch.Tensor, requests: Sequence[Request], lag: int, chosen: Sequence[Request],
+        rows: torch.Tensor | None, slots: torch.Tensor | None,
     ) -> torch.Tensor:
-        """OpenAI's presence and frequency penalties (``rows`` [C] the rows that have one, ``slots``
-        their output counts), then logit_bias, then the end tokens min_new_tokens still bans."""
+        """OpenAI's presence and frequency penalties (``chosen`` the requests that have one, ``rows``
+        [C] their rows, ``slots`` their output counts), then logit_bias, then the end tokens
+        min_new_tokens still bans."""
         if rows is not None:
             counts = self._counts.rows_of(slots)  # [C, vocab]
-            chosen = [r for r in requests if r.params.counts_output]
             presence = self.to_device([r.params.presence_penalty for r in chosen], torch.float32)
             frequency = self.to_device([r.params.frequency_penalty for r in chosen], torch.float32)
             sub = logits.index_select(0, rows) - frequency[:, None] * counts - presence[:, None] * (counts > 0)
