@@ -118,15 +118,32 @@ def test_multi_turn_voice_chat(checkpoints):
     assert_parity(checkpoints["sharded"], [conv], [SPEECH, TONE])
 
 
-def test_long_audio_uses_every_window(checkpoints):
-    """Past 30 s we deliberately differ from transformers: the second window reaches the model."""
-    model = Qwen2Audio.from_pretrained(checkpoints["gqa"], progress=False)
-    long_clip = np.concatenate([CLIP_30, CLIP_7])
+def test_long_audio_is_encoded_window_by_window_in_order(checkpoints):
+    """Past 30 s transformers cuts the clip; we encode every planned window and join them in order.
+    The oracle: its own feature extractor on each window alone, and its forward, which scatters the
+    windows' valid audio rows over the prompt's audio tokens in order. Reversed windows must not match."""
+    directory = checkpoints["gqa"]
+    model = Qwen2Audio.from_pretrained(directory, progress=False)
+    long_clip = np.concatenate([CLIP_30, CLIP_7, CLIP_30[:200000]])  # 49.5 s
     batch = model.processor([user_turn(audio(long_clip), text("Describe it."))])
-    assert batch.audio_spans[0][0].length == 750 + 175
-    assert batch.input_features.shape[0] == 2
-    truncated = model.processor([user_turn(audio(CLIP_30), text("Describe it."))])
-    assert not torch.allclose(model.logits(batch)[0, -1], model.logits(truncated)[0, -1])
+    windows = model.processor.plan(long_clip)
+    assert len(windows) >= 2 and batch.input_features.shape[0] == len(windows)
+    oracle_model, oracle_processor = oracle(directory)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def expected(pieces):
+        feats = oracle_processor.feature_extractor(pieces, sampling_rate=16000, return_attention_mask=True,
+                                                   padding="max_length", return_tensors="pt")
+        with torch.no_grad():
+            return oracle_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+                                input_features=feats.input_features,
+                                feature_attention_mask=feats.attention_mask).logits[0]
+
+    pieces = [long_clip[w.start:w.end] for w in windows]
+    reference, got = expected(pieces), model.logits(batch)[0]
+    assert ((got - reference).abs().max() / reference.abs().max()).item() <= 1e-5
+    reversed_order = expected(pieces[::-1])
+    assert ((got - reversed_order).abs().max() / reversed_order.abs().max()).item() > 1e-2
 
 
 def test_bf16_on_cpu_stays_close_to_fp32(checkpoints):

@@ -20,7 +20,7 @@ import pytest
 import soundfile
 import torch
 
-from qwen2audio.errors import AudioError, InputError, PromptError
+from qwen2audio.errors import AudioError, ContextLengthError, InputError, PromptError
 from qwen2audio.processor import Processor
 from qwen2audio.text.prompt import ChatTemplate
 from qwen2audio.text.tokenizer import QWEN2_SPLIT, Tokenizer
@@ -451,9 +451,10 @@ def test_left_padding_by_hand(real: Processor) -> None:
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
 
 
-def test_long_audio_is_split_into_windows(real: Processor) -> None:
+def test_long_audio_is_split_into_windows() -> None:
+    fixed = Processor.from_pretrained(REAL_DIR, segmentation="fixed")
     clip = np.zeros(40 * SR, np.float32)  # 30 s + 10 s windows: 750 + 250 tokens, not cut at 30 s
-    batch = real([{"role": "user", "content": [{"type": "audio", "audio": clip}]}])
+    batch = fixed([{"role": "user", "content": [{"type": "audio", "audio": clip}]}])
     (span,) = batch.audio_spans[0]
     assert (span.num_windows, span.length) == (2, 1000)
     assert batch.input_features.shape == (2, 128, 3000)
@@ -554,12 +555,14 @@ def test_bad_audio_sources_name_the_part(real: Processor) -> None:
 def test_prompt_longer_than_the_context(real: Processor) -> None:
     small = Processor.from_pretrained(REAL_DIR, max_context=50)
     assert small.max_context == 50
-    with pytest.raises(PromptError, match=r"the prompt is \d+ tokens, more than the model's context of 50"):
+    with pytest.raises(ContextLengthError, match=r"the prompt is \d+ tokens \(25 of them audio\), more than the "
+                                                 r"model's context of 50"):
         small(conv(A("n1"), T("What is it?")))
     # A bare placeholder with 1 s of audio is 25 + 2 = 27 tokens: 27 fits, 26 does not.
     fits = Processor(real.tokenizer, real.chat_template, max_context=27)
     assert fits("<|AUDIO|>", audios=[ONE_SECOND]).input_ids.shape == (1, 27)
-    with pytest.raises(PromptError, match="the prompt is 27 tokens, more than the model's context of 26"):
+    with pytest.raises(PromptError, match=r"the prompt is 27 tokens \(25 of them audio\), more than the model's "
+                                          r"context of 26"):
         Processor(real.tokenizer, real.chat_template, max_context=26)("<|AUDIO|>", audios=[ONE_SECOND])
 
 

@@ -54,6 +54,59 @@ def test_a_long_silence_gets_no_window(five_minutes):
     assert plan_windows(np.zeros(90 * SAMPLE_RATE, dtype=np.float32), "vad") == []
 
 
+def test_chat_windows_tile_the_whole_clip_and_cut_only_in_pauses(five_minutes):
+    """Chat keeps every sample (the model is asked about sounds as well as speech): the windows
+    cover the clip end to end, each at most 30 s, and no cut falls inside a sentence."""
+    samples, intervals = five_minutes
+    windows = plan_windows(samples, "vad", skip_silence=False)
+    assert windows[0].start == 0 and windows[-1].end == len(samples)
+    assert all(a.end == b.start for a, b in itertools.pairwise(windows))
+    assert all(w.end - w.start <= WINDOW_S * SAMPLE_RATE for w in windows)
+    assert not cuts_inside(windows, intervals)
+    assert cuts_inside(plan_windows(samples, "fixed", skip_silence=False), intervals)
+
+
+def test_chat_windows_of_music_are_cut_at_its_quietest_moments():
+    """A 70 s tone (no speech for the VAD) that dips to near silence for 0.2 s at 22 s and at 48 s:
+    each cut lands in the dip inside its window's second half (15-30 s, then 37-52 s)."""
+    t = np.arange(70 * SAMPLE_RATE) / SAMPLE_RATE
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for dip in (22.0, 48.0):
+        tone[int(dip * SAMPLE_RATE):int((dip + 0.2) * SAMPLE_RATE)] *= 0.01
+    cuts = [w.end / SAMPLE_RATE for w in plan_windows(tone, "vad", skip_silence=False)[:-1]]
+    assert len(cuts) == 2 and 22.0 <= cuts[0] <= 22.2 and 48.0 <= cuts[1] <= 48.2, cuts
+
+
+def test_a_clip_of_one_window_is_left_whole_without_asking_the_vad(monkeypatch):
+    import qwen2audio.audio.segment as segment
+
+    monkeypatch.setattr(segment, "speech_spans", lambda samples: pytest.fail("the VAD ran"))
+    clip = np.ones(30 * SAMPLE_RATE, dtype=np.float32)
+    assert plan_windows(clip, "vad", skip_silence=False) == [Window(0, len(clip))]
+
+
+def test_the_processor_encodes_long_audio_in_the_planned_windows(five_minutes):
+    """About 100 s of it in a chat message: the prompt carries the VAD windows (no cut in a sentence),
+    its audio tokens are theirs, each window is featurized as a clip of its own, and the cache key
+    differs from the same audio cut every 30 s."""
+    from qwen2audio.processor import Processor
+
+    directory = pathlib.Path(__file__).parent / "data" / "qwen2-tokenizer"
+    vad, fixed = Processor.from_pretrained(directory), Processor.from_pretrained(directory, segmentation="fixed")
+    samples, intervals = five_minutes
+    clip = samples[:next(end for _, end in intervals if end > 100 * SAMPLE_RATE)]
+    message = [{"role": "user", "content": [{"type": "audio", "audio": clip}]}]
+    prompt = vad.prepare(message)
+    (windows,) = prompt.windows
+    assert windows == plan_windows(clip, "vad", skip_silence=False) and not cuts_inside(windows, intervals)
+    assert prompt.lengths == [sum(vad.feature_extractor.token_count(clip[w.start:w.end]) for w in windows)]
+    batch = vad.collate([prompt])
+    alone = vad.feature_extractor([clip[w.start:w.end] for w in windows])
+    assert batch.window_tokens == alone.window_tokens and batch.audio_spans[0][0].num_windows == len(windows)
+    assert np.array_equal(batch.input_features.numpy(), alone.input_features.numpy())
+    assert fixed.prepare(message).digests != prompt.digests
+
+
 def test_speech_without_pauses_is_cut_at_its_quietest_moment():
     """45 s of one sentence after another with no pause at all: the cut lands in the window's second
     half, at one of the quiet gaps between words rather than at 30 s exactly."""

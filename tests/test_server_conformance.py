@@ -21,6 +21,7 @@ import soundfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qwen2audio import load_audio
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.engine.request import SamplingParams
 from qwen2audio.server.app import ServerOptions, create_app
@@ -170,6 +171,38 @@ def test_a_far_too_long_prompt_is_refused_without_tokenizing_it(served):
     response = post(served, "/v1/completions", {"model": "tiny", "prompt": "word " * 3_000_000, "max_tokens": 2})
     assert_openai_error(response, 400, "more than the model's context of 4096")
     assert time.perf_counter() - started < 3.0  # tokenizing 15 MB would take many seconds
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="needs Debian's espeak-ng (see .ci/run)")
+def test_long_recordings_in_chat_are_encoded_whole_or_refused_naming_the_limit(served, client):
+    """Chat hears all of a long recording, window by window: 25 audio tokens a second (750 per 30 s),
+    less at most 2 per window for rounding. A 12-minute recording (about 18,000 audio tokens) does
+    not fit this model's 4096: a 400 naming both numbers, in OpenAI's shape and code."""
+    samples, _ = speech(26)
+    assert 120 <= len(samples) / 16000 <= 150
+
+    def encoded(clip, fmt="mp3"):
+        buffer = io.BytesIO()
+        soundfile.write(buffer, clip, 16000, format=fmt.upper(), subtype="MPEG_LAYER_III" if fmt == "mp3" else None)
+        return buffer.getvalue()
+
+    def message(data, fmt="mp3"):
+        part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+        return [{"role": "user", "content": [part, {"type": "text", "text": "What is said?"}]}]
+
+    recording = encoded(samples)
+    seconds = len(load_audio(recording)) / 16000
+    reply = client.chat.completions.create(model="tiny", messages=message(recording), max_tokens=2)
+    one_second = encoded(np.zeros(16000, np.float32), "wav")  # 25 audio tokens exactly
+    text_tokens = client.chat.completions.create(model="tiny", messages=message(one_second, "wav"),
+                                                 max_tokens=2).usage.prompt_tokens - 25
+    audio_tokens = reply.usage.prompt_tokens - text_tokens
+    windows = -(-seconds // 30)
+    assert 25 * seconds - 2 * windows <= audio_tokens <= 25 * seconds + windows, (audio_tokens, seconds)
+    twelve_minutes = encoded(np.tile(samples, 5))
+    response = post(served, "/v1/chat/completions", {"model": "tiny", "messages": message(twelve_minutes)})
+    assert_openai_error(response, 400, "audio), more than the model's context of 4096")
+    assert response.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_the_model_name_is_checked_on_every_route(served, client):
@@ -604,12 +637,14 @@ def test_health_is_503_until_the_engine_runs(served):
 
 
 @pytest.mark.skipif(not HAVE_ESPEAK, reason="needs Debian's espeak-ng (see .ci/run)")
-def test_three_minutes_of_speech_stream_window_by_window(client):
-    """Three minutes of spoken sentences (MP3), cut in pauses: the streamed
-    deltas, one per window, join to the non-streamed greedy text."""
-    import io
-
-    import soundfile
+def test_three_minutes_of_speech_stream_window_by_window(served, client, monkeypatch):
+    """Three minutes of spoken sentences (MP3), cut in pauses: the streamed deltas, one per window,
+    join to the non-streamed greedy text, and the first delta reaches the client while every other
+    window is held back (they run only once it has arrived: a stream that waited for the last
+    window would never send it)."""
+    import asyncio
+    import itertools
+    import threading
 
     samples, _ = speech(58)
     assert len(samples) >= 180 * 16000
@@ -619,8 +654,24 @@ def test_three_minutes_of_speech_stream_window_by_window(client):
     short = {"max_completion_tokens": 12}
     whole = client.audio.transcriptions.create(model="tiny", file=clip, response_format="verbose_json",
                                                extra_body=short)
-    events = list(client.audio.transcriptions.create(model="tiny", file=clip, stream=True, extra_body=short))
+    server = served[0].server.config.app.state.server
+    first_delta, released, order = threading.Event(), [], itertools.count()
+    ungated = server.stream
+
+    async def gated(prompt, params):
+        if next(order) > 0:  # windows start in order: all but the first wait for the client
+            released.append(await asyncio.to_thread(first_delta.wait, 60))
+        async for output in ungated(prompt, params):
+            yield output
+
+    monkeypatch.setattr(server, "stream", gated)
+    events = []
+    for event in client.audio.transcriptions.create(model="tiny", file=clip, stream=True, extra_body=short):
+        events.append(event)
+        first_delta.set()
     deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
     assert len(whole.segments) >= 6 and all(s.end - s.start <= 30 for s in whole.segments)
+    assert len(released) == len(whole.segments) - 1 and all(released)
     assert len(deltas) == len([s for s in whole.segments if s.text])
     assert "".join(deltas) == events[-1].text == whole.text
+

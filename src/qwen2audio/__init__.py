@@ -7,7 +7,7 @@ from qwen2audio.audio.segment import SEGMENTATIONS, plan_windows
 from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingParams
-from qwen2audio.errors import AudioError, CheckpointError, InputError, PromptError
+from qwen2audio.errors import AudioError, CheckpointError, ContextLengthError, InputError, PromptError
 from qwen2audio.processor import Processor
 from qwen2audio.text.prompt import AUDIO_PLACEHOLDER, AUDIO_TOKEN
 
@@ -22,6 +22,7 @@ __all__ = [
     "AudioError",
     "CheckpointError",
     "Completion",
+    "ContextLengthError",
     "EngineOptions",
     "FeatureExtractor",
     "InputError",

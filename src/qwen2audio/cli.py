@@ -55,7 +55,7 @@ def _load_model(args: argparse.Namespace) -> Any:
 
     options = EngineOptions(enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     return Qwen2Audio.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet,
-                                      engine_options=options)
+                                      engine_options=options, segmentation=args.segmentation)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,14 +169,14 @@ def _table_text(output: str) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Decode each file and report what the model would see: duration, windows, audio tokens."""
-    from qwen2audio import FeatureExtractor, load_audio
+    from qwen2audio import FeatureExtractor, load_audio, plan_windows
 
     extractor = FeatureExtractor()
     config = extractor.config
     for path in args.files:
         samples = load_audio(path, max_duration_s=args.max_duration)
-        windows = extractor.windows(samples)
-        tokens = extractor.token_count(samples)
+        windows = plan_windows(samples, args.segmentation, config.chunk_length, skip_silence=False)
+        tokens = extractor.token_count(samples, windows)
         report = {
             "file": path,
             "seconds": round(len(samples) / config.sampling_rate, 3),
@@ -198,6 +198,9 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="KV cache storage: auto (the model's dtype) or fp8 (half the memory and "
                              "decode reads, slightly less exact)")
+    parser.add_argument("--segmentation", choices=SEGMENTATIONS, default="vad",
+                        help="where audio over 30 s is cut into windows: in pauses found by voice activity "
+                             "detection (vad), or every 30 s (fixed)")
     parser.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -260,9 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt")
     transcribe.add_argument("--output-dir", help="write one file per input here instead of printing")
     transcribe.add_argument("--max-new-tokens", type=int, help="most tokens per 30 s window (default 448)")
-    transcribe.add_argument("--segmentation", choices=SEGMENTATIONS, default="vad",
-                            help="where long audio is cut: in pauses found by voice activity detection (vad), "
-                                 "or every 30 s (fixed)")
     transcribe.set_defaults(handler=_cmd_transcribe)
 
     serve = command("serve", "OpenAI-compatible HTTP server (chat, completions, audio transcriptions)")
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--output", help="results JSON (default eval-TASK.json; items go to .jsonl, table to .md)")
     evaluation.set_defaults(handler=_cmd_eval)
 
-    inspect = command("inspect", "decode audio files; show duration, 30 s windows and audio-token count")
+    inspect = command("inspect", "decode audio files; show duration, windows and audio-token count")
     _common(inspect, model=False)
     inspect.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg, opus, m4a, webm, ...)")
     inspect.add_argument("--json", action="store_true", help="one JSON object per file")

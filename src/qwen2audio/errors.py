@@ -16,5 +16,9 @@ class PromptError(InputError):
     """A prompt or conversation that cannot be turned into model inputs."""
 
 
+class ContextLengthError(PromptError):
+    """A prompt longer than the model's context (OpenAI's ``context_length_exceeded``)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found or loaded: missing files, bad config, wrong tensors."""

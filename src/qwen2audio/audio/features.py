@@ -1,12 +1,12 @@
 """Whisper log-mel features (SPEC.md section 5) in torch, per 30 s window, batched, CPU or CUDA.
 
-Owns window splitting, the mel filter bank, frame masks and the audio-token count formula. It must
-not decode audio (audio/io.py does) or know about prompts and tokens beyond the count.
+Owns the mel filter bank, frame masks and the audio-token count formula, for windows planned by
+audio/segment.py. It must not decode audio (audio/io.py does) or know about prompts and tokens
+beyond the count.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwen2audio.audio.segment import Window, plan_windows
 from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.errors import AudioError
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,20 +67,6 @@ def audio_token_count(num_frames: int) -> int:
     return max((after_conv - 2) // 2 + 1, 0)
 
 
-def split_windows(samples: np.ndarray, config: FeatureConfig = FeatureConfig()) -> list[np.ndarray]:
-    """Cut a clip into consecutive 30 s windows; the last one keeps the remainder.
-
-    Transformers silently drops everything after 30 s; we keep it. A remainder too short to yield
-    one token (20 ms or less) carries no information the model can see, so it is dropped.
-    """
-    size = config.n_samples
-    windows = [samples[start:start + size] for start in range(0, max(len(samples), 1), size)]
-    if len(windows) > 1 and audio_token_count(frame_count(len(windows[-1]), config)) == 0:
-        logger.debug("dropping a %d-sample tail that yields no audio token", len(windows[-1]))
-        windows.pop()
-    return windows
-
-
 @dataclass
 class AudioFeatures:
     """Encoder inputs for a list of clips; every clip owns one or more consecutive windows.
@@ -119,17 +104,20 @@ class FeatureExtractor:
         self._window = torch.hann_window(config.n_fft)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def windows(self, samples: np.ndarray) -> list[np.ndarray]:
-        """The clip cut into the windows the encoder sees (see :func:`split_windows`)."""
-        return split_windows(samples, self.config)
+    def token_count(self, samples: np.ndarray, windows: Sequence[Window] | None = None) -> int:
+        """Audio tokens a clip yields over its windows (fixed 30 s ones unless given)."""
+        planned = windows if windows is not None else self.plan(samples)
+        return sum(audio_token_count(frame_count(w.end - w.start, self.config)) for w in planned)
 
-    def token_count(self, samples: np.ndarray) -> int:
-        """Audio tokens a clip yields over all its windows, with this extractor's settings."""
-        return sum(audio_token_count(frame_count(len(w), self.config)) for w in self.windows(samples))
+    def plan(self, samples: np.ndarray) -> list[Window]:
+        """Plain 30 s windows covering the clip (see :func:`~qwen2audio.audio.segment.plan_windows`)."""
+        return plan_windows(samples, "fixed", self.config.chunk_length, skip_silence=False)
 
-    def __call__(self, audios: Sequence[np.ndarray], device: str | torch.device | None = None) -> AudioFeatures:
-        """Split each clip into windows and featurize them all in one batch."""
-        windows: list[np.ndarray] = []
+    def __call__(self, audios: Sequence[np.ndarray], device: str | torch.device | None = None,
+                 windows: Sequence[Sequence[Window]] | None = None) -> AudioFeatures:
+        """Cut each clip into its windows (``windows[i]`` for clip i, else fixed 30 s ones) and
+        featurize them all in one batch."""
+        pieces: list[np.ndarray] = []
         counts: list[int] = []
         for index, samples in enumerate(audios):
             if len(samples) == 0 or audio_token_count(frame_count(len(samples), self.config)) == 0:
@@ -137,10 +125,11 @@ class FeatureExtractor:
                     f"audio {index}: {1000 * len(samples) / self.config.sampling_rate:.1f} ms is too short "
                     f"to yield an audio token (more than 20 ms needed)"
                 )
-            clip_windows = split_windows(np.asarray(samples, dtype=np.float32), self.config)
-            windows.extend(clip_windows)
-            counts.append(len(clip_windows))
-        return self.featurize_windows(windows, counts, device)
+            samples = np.asarray(samples, dtype=np.float32)
+            planned = windows[index] if windows is not None else self.plan(samples)
+            pieces.extend(samples[w.start:w.end] for w in planned)
+            counts.append(len(planned))
+        return self.featurize_windows(pieces, counts, device)
 
     def featurize_windows(
         self, windows: Sequence[np.ndarray], counts: list[int], device: str | torch.device | None = None
@@ -256,5 +245,4 @@ __all__ = [
     "audio_token_count",
     "frame_count",
     "mel_filter_bank",
-    "split_windows",
 ]

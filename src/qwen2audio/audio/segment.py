@@ -5,6 +5,10 @@ is at most 30 s and ends where speech pauses (Silero VAD, whose model ships insi
 ``silero-vad`` package, so it works offline); speech that runs on past a window is cut at its
 quietest moment; stretches with no speech get no window at all, so they cost no model call.
 ``fixed`` keeps the plain 30 s cuts.
+
+Chat and evaluation keep every sample (``skip_silence=False``): Qwen2-Audio is asked about sounds
+and music too, which a VAD calls silence, so there the windows tile the whole clip and only the
+cut points move into pauses. A clip of one window or less is left whole, as the reference sees it.
 """
 
 from __future__ import annotations
@@ -43,13 +47,17 @@ class Window:
         return self.start / SAMPLE_RATE, self.end / SAMPLE_RATE
 
 
-def plan_windows(samples: np.ndarray, segmentation: Segmentation = "vad", window_s: float = WINDOW_S) -> list[Window]:
-    """The windows a long clip is cut into (16 kHz mono samples), in order."""
+def plan_windows(samples: np.ndarray, segmentation: Segmentation = "vad", window_s: float = WINDOW_S, *,
+                 skip_silence: bool = True) -> list[Window]:
+    """The windows a long clip is cut into (16 kHz mono samples), in order. With ``skip_silence``
+    (transcription) windows cover speech only; without it (chat) they tile the whole clip."""
     if segmentation not in SEGMENTATIONS:
         raise ValueError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {segmentation!r}")
     size = int(window_s * SAMPLE_RATE)
     if segmentation == "fixed":
         windows = [Window(start, min(start + size, len(samples))) for start in range(0, len(samples), size)]
+    elif not skip_silence:
+        windows = _tile(samples, speech_spans(samples) if len(samples) > size else [], size)
     else:
         windows = [piece for start, end in _merge(speech_spans(samples), size)
                    for piece in _split(samples, start, end, size)]
@@ -106,11 +114,45 @@ def _split(samples: np.ndarray, start: int, end: int, size: int) -> list[Window]
     return pieces
 
 
+def _tile(samples: np.ndarray, spans: Sequence[tuple[int, int]], size: int) -> list[Window]:
+    """Windows covering the whole clip, each cut in the second half of its span at the quietest
+    20 ms of the longest pause in speech there (of the whole half where there is no speech, as in
+    music, or no pause)."""
+    windows, start = [], 0
+    frame = int(QUIET_FRAME_S * SAMPLE_RATE)
+    while len(samples) - start > size:
+        low, high = start + size // 2, start + size
+        pauses = [gap for gap in _pauses(spans, low, high) if gap[1] - gap[0] >= frame]
+        cut = _quietest(samples, *max(pauses, key=lambda gap: gap[1] - gap[0], default=(low, high)))
+        windows.append(Window(start, cut))
+        start = cut
+    windows.append(Window(start, len(samples)))
+    return windows
+
+
+def _pauses(spans: Sequence[tuple[int, int]], low: int, high: int) -> list[tuple[int, int]]:
+    """The stretches of [low, high) outside every speech span."""
+    pauses, edge = [], low
+    for start, end in spans:
+        if end <= edge:
+            continue
+        if start >= high:
+            break
+        if start > edge:
+            pauses.append((edge, start))
+        edge = end
+    if edge < high:
+        pauses.append((edge, high))
+    return pauses
+
+
 def _quietest(samples: np.ndarray, low: int, high: int) -> int:
     frame = int(QUIET_FRAME_S * SAMPLE_RATE)
     region = samples[low:high]
     frames = region[: len(region) // frame * frame].reshape(-1, frame).astype(np.float64)
-    return low + int(np.argmin((frames**2).mean(axis=1))) * frame + frame // 2
+    energy = (frames**2).mean(axis=1)
+    latest = len(energy) - 1 - int(np.argmin(energy[::-1]))  # of equals the latest: longer windows, fewer of them
+    return low + latest * frame + frame // 2
 
 
 @functools.cache

@@ -21,6 +21,8 @@ from qwen2audio.text.tokenizer import IncrementalDetokenizer
 if TYPE_CHECKING:
     import numpy as np
 
+    from qwen2audio.audio.segment import Window
+
 
 class SamplingError(InputError):
     """A sampling parameter outside its range."""
@@ -51,6 +53,7 @@ class Prompt:
     offsets: list[int]
     digests: list[str]
     lengths: list[int]  # audio tokens of each clip
+    windows: list[list[Window]] = field(default_factory=list)  # where each clip is cut for the encoder
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,11 @@ from qwen2audio.engine.scheduler import ScheduledStep
 from qwen2audio.model.attention import AttentionMetadata, KVCache, kv_cache_dtype
 from qwen2audio.model.inputs import Chunk, flatten
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from qwen2audio.audio.segment import Window
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +137,8 @@ class ModelRunner:
     def _chunks(self, step: ScheduledStep) -> list[Chunk]:
         """What each request computes: a prefill its uncached tokens (with the audio they cover),
         a decode the token sampled last step (no need to copy the whole history)."""
-        embeds = self._encode([(d, a) for r in step.prefills for d, a in zip(r.prompt.digests, r.prompt.audios,
-                                                                            strict=True)])
+        embeds = self._encode([clip for r in step.prefills
+                               for clip in zip(r.prompt.digests, r.prompt.audios, r.prompt.windows, strict=True)])
         chunks = [Chunk(r.all_ids[r.num_computed:], r.num_computed,
                         [(offset, embeds[digest]) for offset, digest in zip(r.prompt.offsets, r.prompt.digests,
                                                                             strict=True)])
@@ -151,19 +157,20 @@ class ModelRunner:
             num_prefills, torch.tensor(context[num_prefills:], device=self.device),
         )
 
-    def _encode(self, clips: Sequence[tuple[str, object]]) -> dict[str, torch.Tensor]:
+    def _encode(self, clips: Sequence[tuple[str, np.ndarray, list[Window]]]) -> dict[str, torch.Tensor]:
         """Embeddings per digest: cached ones reused, the rest encoded in one batch over their windows."""
         found: dict[str, torch.Tensor] = {}
-        missing: dict[str, object] = {}
-        for digest, samples in clips:
+        missing: dict[str, tuple[np.ndarray, list[Window]]] = {}
+        for digest, samples, windows in clips:
             cached = self.encoder_cache.get(digest)
             if cached is not None:
                 found[digest] = cached
             elif digest not in missing:
-                missing[digest] = samples
+                missing[digest] = samples, windows
         if missing:
             self.encoder_cache.misses += len(missing)
-            feats = self.features(list(missing.values()), device=self.device)
+            feats = self.features([s for s, _ in missing.values()], device=self.device,
+                                  windows=[w for _, w in missing.values()])
             rows = self.network.encode_audio(feats.input_features, feats.feature_attention_mask, feats.window_tokens)
             for digest, clip_rows in zip(missing, rows.split(feats.token_counts), strict=True):
                 found[digest] = clip_rows

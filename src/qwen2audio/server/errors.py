@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwen2audio.errors import InputError
+from qwen2audio.errors import ContextLengthError, InputError
 from qwen2audio.server.protocol import error_body
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ async def api_error(_: Request, exc: APIError) -> JSONResponse:
 
 
 async def input_error(_: Request, exc: InputError) -> JSONResponse:
-    return respond(400, str(exc))
+    return respond(400, str(exc), code="context_length_exceeded" if isinstance(exc, ContextLengthError) else None)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -84,7 +84,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger("qwen2audio").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     model = Qwen2Audio.from_pretrained(model_name, device=args.device, dtype=args.dtype, progress=not args.quiet,
                                        engine_options=_engine_options(args),
-                                       chat_template=_chat_template(args.chat_template))
+                                       chat_template=_chat_template(args.chat_template),
+                                       segmentation=args.segmentation)
     _log_startup(model, model_name, args)
     app = create_app(model, options)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it through the handler it found:
