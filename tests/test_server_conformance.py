@@ -544,7 +544,12 @@ def served_apart(tiny_checkpoint, tmp_path_factory):
 def test_hostile_traffic_gets_4xx_while_health_stays_fast(served_apart):
     """Each hostile request, four times over, from eight client threads, while /health is timed every
     20 ms; a few clients also leave mid-request. Server, clients and the health probe are separate
-    processes, as real ones are. Afterwards nothing runs and no KV block is held."""
+    processes, as real ones are. Afterwards nothing runs and no KV block is held.
+
+    /health: 95% of probes under 50 ms (typically 5-20 ms), none over 300 ms. On two busy cores the
+    OS leaves the server unscheduled for 80-200 ms now and then (one or two lone probes in some runs,
+    with no callback on the loop over 100 ms in asyncio's debug mode, in this tree and the one
+    before it); a loop that blocks on a body or a tokenizer slows every probe that meets it."""
     import subprocess
     import sys
 
@@ -561,7 +566,8 @@ def test_hostile_traffic_gets_4xx_while_health_stays_fast(served_apart):
     assert all(400 <= status < 500 and set(body["error"]) == {"message", "type", "param", "code"}
                for status, body in answers), [a for a in answers if not 400 <= a[0] < 500]
     assert results["left"].count("left") == 4
-    assert len(latencies) > 20 and max(latencies) < 0.1, sorted(latencies)[-5:]
+    slowest = sorted(latencies)
+    assert len(latencies) > 20 and slowest[int(0.95 * len(slowest))] < 0.05 and slowest[-1] < 0.3, slowest[-8:]
     deadline = time.time() + 20
     while time.time() < deadline and (metric(url, "qwen2audio_requests_running")
                                       or metric(url, "qwen2audio_kv_cache_usage")):
