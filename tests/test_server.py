@@ -464,6 +464,29 @@ def test_streamed_transcription_deltas_join_to_the_whole_text(client):
     assert len(deltas) == 2 and events[-1] is done
     assert "".join(deltas) == done.text == whole.text
     assert done.usage.total_tokens == whole.usage.total_tokens
+    quiet = list(client.audio.transcriptions.create(model="tiny", file=clip, stream=True,
+                                                    extra_body={**fixed, "stream_options": {"include_usage": False}}))
+    assert quiet[-1].type == "transcript.text.done" and quiet[-1].usage is None and quiet[-1].text == whole.text
+    with pytest.raises(openai.BadRequestError, match="stream must be true or false"):
+        client.audio.transcriptions.create(model="tiny", file=clip, extra_body={"stream": "yes"})
+
+
+def test_every_translation_format_parses_into_the_sdks_types(client, window_oracle):
+    """The translation route answers every format, each as the openai SDK types it."""
+    from openai.types.audio import Translation, TranslationVerbose
+
+    tone = ("tone.wav", TONE.read_bytes())
+    fixed = {"max_completion_tokens": WINDOW_REPLY, "segmentation": "fixed"}
+    text = window_oracle["tone"]
+    results = {fmt: client.audio.translations.create(model="tiny", file=tone, response_format=fmt, extra_body=fixed)
+               for fmt in ("json", "text", "srt", "vtt", "verbose_json")}
+    assert isinstance(results["json"], Translation) and results["json"].text == text
+    assert results["text"].strip() == text
+    assert results["srt"] == f"1\n00:00:00,000 --> 00:00:03,000\n{text}\n"
+    assert results["vtt"] == f"WEBVTT\n\n00:00:00.000 --> 00:00:03.000\n{text}\n"
+    verbose = results["verbose_json"]
+    assert isinstance(verbose, TranslationVerbose) and verbose.duration == 3.0 and verbose.text == text
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [(0.0, 3.0, text)]
 
 
 

@@ -400,9 +400,10 @@ async def _transcription(request: Request, task: str) -> Response:
                               context=str(form.get("prompt") or "") or None)
     samples = await asyncio.to_thread(load_audio, data)
     transcript, prompts = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
-    if str(form.get("stream") or "false").lower() == "true":
+    if _form_bool(form, "stream", False):
         server.check_capacity(len(prompts))
-        events = _transcript_events(transcriber, transcript, prompts, server.stream)
+        usage = _form_bool(form, "stream_options[include_usage]", True)  # OpenAI's done event carries it
+        events = _transcript_events(transcriber, transcript, prompts, server.stream, usage)
         return StreamingResponse(_held(server, len(prompts), events), media_type="text/event-stream")
     with server.admitted(len(prompts)):
         await responses.until_disconnected(request, transcriber.run(transcript, prompts, server.stream))
@@ -419,12 +420,14 @@ async def _transcription(request: Request, task: str) -> Response:
 
 
 async def _transcript_events(transcriber: Transcriber, transcript: Any, prompts: Sequence[Prompt],
-                             generate: Any) -> AsyncIterator[str]:
+                             generate: Any, usage: bool) -> AsyncIterator[str]:
     """OpenAI's streamed transcription: a transcript.text.delta per window as windows finish, in
-    order, then transcript.text.done with the whole text and the token usage."""
+    order, then transcript.text.done with the whole text and (unless asked not to) the token usage."""
     async for delta in transcriber.stream(transcript, prompts, generate):
         yield f"data: {json.dumps({'type': 'transcript.text.delta', 'delta': delta}, ensure_ascii=False)}\n\n"
-    done = {"type": "transcript.text.done", "text": transcript.text, "usage": _transcription_usage(prompts, transcript)}
+    done = {"type": "transcript.text.done", "text": transcript.text}
+    if usage:
+        done["usage"] = _transcription_usage(prompts, transcript)
     yield f"data: {json.dumps(done, ensure_ascii=False)}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -447,6 +450,16 @@ def _form_float(form: Any, name: str, default: float) -> float:
         return float(str(value))
     except ValueError:
         raise APIError(400, f"{name} must be a number, not {str(value)[:40]!r}", param=name) from None
+
+
+def _form_bool(form: Any, name: str, default: bool) -> bool:
+    """A true/false form field (absent: ``default``), as the openai SDK writes booleans."""
+    value = str(form.get(name) or "").strip().lower()
+    if not value:
+        return default
+    if value not in ("true", "false"):
+        raise APIError(400, f"{name} must be true or false, not {value[:40]!r}", param=name)
+    return value == "true"
 
 
 def _form_int(form: Any, name: str, default: int) -> int:
