@@ -164,3 +164,44 @@ def test_eval_command(datasets, checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| meld | accuracy |" in result.stdout and "| 0.553 | 6 |" in result.stdout
     assert json.loads(output.read_text())["items"] == 6
+
+
+def test_saved_results_are_reused_only_when_made_the_same_way(model, datasets, tmp_path):
+    """Another task, length limit or model on the same output refuses, naming what changed;
+    --overwrite starts over; an output folder that does not exist is made."""
+    from qwen2audio.errors import InputError
+
+    output = tmp_path / "new" / "folder" / "meld.json"
+    first = evaluate(model, "meld", datasets["meld"], output, batch_size=6, max_new_tokens=4, progress=False)
+    assert first["generated_this_run"] == 6 and output.is_file()
+    with pytest.raises(InputError, match=r"6 result\(s\) made another way \(max_new_tokens 4 \(now 5\)\).*--overwrite"):
+        evaluate(model, "meld", datasets["meld"], output, max_new_tokens=5, progress=False)
+    with pytest.raises(InputError, match=r"task 'meld' \(now 'vocalsound'\)"):
+        evaluate(model, "vocalsound", datasets["meld"], output, max_new_tokens=4, progress=False)
+    other = Qwen2Audio(model.network, model.processor, model.generation, identity="another-model#0")
+    with pytest.raises(InputError, match=r"model '.*' \(now 'another-model#0'\)"):
+        evaluate(other, "meld", datasets["meld"], output, max_new_tokens=4, progress=False)
+    again = evaluate(model, "meld", datasets["meld"], output, max_new_tokens=5, progress=False, overwrite=True)
+    assert again["generated_this_run"] == 6 and again["setup"]["max_new_tokens"] == 5
+    resumed = evaluate(model, "meld", datasets["meld"], output, max_new_tokens=5, progress=False)
+    assert resumed["generated_this_run"] == 0 and resumed["results"] == again["results"]
+
+
+def test_a_missing_metric_library_is_named_before_the_model_loads(datasets, checkpoint, tmp_path, monkeypatch,
+                                                                   capsys):
+    import importlib.util
+
+    from qwen2audio import cli
+    from qwen2audio.api import Qwen2Audio as Model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sacrebleu" else real(name, *a))
+    monkeypatch.setattr(Model, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = cli.main(["eval", "--model", str(checkpoint), "--task", "covost2-en-de", "--data",
+                     str(datasets["covost2-en-de"]), "--output", str(tmp_path / "st.json"), "--quiet"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ('qwen2audio: error: task covost2-en-de needs sacrebleu, not installed: '
+                                               'pip install "qwen2audio[eval]"')
+    assert cli.main(["eval", "--model", str(checkpoint), "--task", "meld", "--data", str(tmp_path / "nope.jsonl"),
+                     "--quiet"]) == 2
+    assert f"--data {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err

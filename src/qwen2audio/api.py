@@ -20,7 +20,7 @@ from qwen2audio.engine.core import Engine
 from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingError, SamplingParams
 from qwen2audio.errors import CheckpointError, InputError
-from qwen2audio.hub import resolve_checkpoint
+from qwen2audio.hub import checkpoint_identity, resolve_checkpoint
 from qwen2audio.model.attention import AttentionMetadata, kv_cache_dtype
 from qwen2audio.model.backend import choose_backend, prepare_network
 from qwen2audio.model.inputs import Chunk, flatten
@@ -97,8 +97,10 @@ class Qwen2Audio:
     """A loaded Qwen2-Audio checkpoint with its processor and (created on first use) its engine."""
 
     def __init__(self, network: Qwen2AudioForConditionalGeneration, processor: Processor,
-                 generation: GenerationConfig | None = None, engine_options: EngineOptions | None = None) -> None:
+                 generation: GenerationConfig | None = None, engine_options: EngineOptions | None = None,
+                 identity: str = "unnamed") -> None:
         self.network = network
+        self.identity = identity  # what the weights are (see hub.checkpoint_identity)
         self.processor = processor
         self.config: ModelConfig = network.config
         self.generation = generation or GenerationConfig(frozenset({processor.tokenizer.eos_id}))
@@ -223,7 +225,7 @@ class Qwen2Audio:
                 f"{directory}: tokenizer's <|AUDIO|> id {processor.audio_id} != config's {config.audio_token_id}"
             )
         generation = GenerationConfig.from_dir(directory, processor.tokenizer.eos_id)
-        return cls(network, processor, generation, options)
+        return cls(network, processor, generation, options, checkpoint_identity(name_or_path, directory))
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:

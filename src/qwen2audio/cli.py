@@ -152,11 +152,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """A report benchmark on local data; resumable through OUTPUT.jsonl."""
-    from qwen2audio.evaluation import evaluate
+    from qwen2audio.evaluation import EvalRun
+    from qwen2audio.hub import checkpoint_identity
 
     output = args.output or f"eval-{args.task}.json"
-    result = evaluate(_load_model(args), args.task, args.data, output, limit=args.limit,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    run = EvalRun.prepare(args.task, args.data, output, checkpoint_identity(args.model), limit=args.limit,
+                          max_new_tokens=args.max_new_tokens, segmentation=args.segmentation,
+                          overwrite=args.overwrite)
+    result = run.run(_load_model(args), batch_size=args.batch_size, progress=not args.quiet)
     sys.stdout.write(_table_text(output))
     return 0 if result["items"] else EXIT_USAGE
 
@@ -283,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--limit", type=int, help="only the first N items")
     evaluation.add_argument("--batch-size", type=int, default=16)
     evaluation.add_argument("--max-new-tokens", type=int, default=256)
-    evaluation.add_argument("--output", help="results JSON (default eval-TASK.json; items go to .jsonl, table to .md)")
+    evaluation.add_argument("--output", help="results JSON (default eval-TASK.json; items go to .jsonl, table to .md); "
+                                             "a rerun with the same model and settings resumes from it")
+    evaluation.add_argument("--overwrite", action="store_true",
+                            help="discard results saved in OUTPUT.jsonl instead of resuming")
     evaluation.set_defaults(handler=_cmd_eval)
 
     inspect = command("inspect", "decode audio files; show duration, windows and audio-token count")

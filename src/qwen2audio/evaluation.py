@@ -9,6 +9,7 @@ public engine API like every other front end.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import pathlib
 import re
@@ -215,46 +216,132 @@ def _table(files: Sequence[pathlib.Path]) -> Iterator[dict[str, Any]]:
 
 # ----- running ---------------------------------------------------------------------------------
 
+# What each metric and data format imports (module -> pip name), checked before any work starts.
+METRIC_MODULES = {"wer": {"jiwer": "jiwer", "whisper_normalizer": "whisper-normalizer"},
+                  "cer": {"jiwer": "jiwer", "whisper_normalizer": "whisper-normalizer", "zhconv": "zhconv"},
+                  "bleu": {"sacrebleu": "sacrebleu"}}
+TABLE_MODULES = {"pyarrow": "pyarrow"}
 
-def evaluate(model: Qwen2Audio, task_name: str, data: str | pathlib.Path, output: str | pathlib.Path,
-             limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 256,
-             progress: bool = True) -> dict[str, Any]:
-    """Run a task; results append to OUTPUT.jsonl per item, so a rerun skips finished items."""
+
+def check_requirements(task_name: str, data: str | pathlib.Path) -> Task:
+    """The task, once its metric's and data reader's libraries are known to be installed: a missing
+    one is named with the extra that brings it, before a model is loaded or an item generated."""
+    import importlib.util
+
     if task_name not in TASKS:
         raise InputError(f"unknown task {task_name!r}; choose from {', '.join(TASKS)}")
     task = TASKS[task_name]
-    items = read_items(data)[:limit]
-    output = pathlib.Path(output)
-    log = output.with_suffix(".jsonl")
-    done = _finished(log)
-    if log.is_file() and log.stat().st_size and not log.read_bytes().endswith(b"\n"):
-        with open(log, "a", encoding="utf-8") as sink:  # an interrupted run cut its last line
-            sink.write("\n")
-    todo = [item for item in items if str(item["id"]) not in done]
-    references = [done[str(i["id"])]["reference"] for i in items if str(i["id"]) in done]
-    hypotheses = [done[str(i["id"])]["hypothesis"] for i in items if str(i["id"]) in done]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=task_name, disable=not progress) as bar, \
-            open(log, "a", encoding="utf-8") as sink:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            completions = _generate(model, task, batch, max_new_tokens)
-            for item, text in zip(batch, completions, strict=True):
-                record = {"id": str(item["id"]), "reference": item["reference"], "hypothesis": text.strip()}
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                sink.flush()
-                done[record["id"]] = record
-                references.append(record["reference"])
-                hypotheses.append(record["hypothesis"])
-            value = score(task, references, hypotheses)
-            bar.set_postfix({task.metric: f"{value:.4g}"} if value is not None else {})
-            bar.update(len(batch))
-    ordered = [done[str(i["id"])] for i in items]
-    value = score(task, [r["reference"] for r in ordered], [r["hypothesis"] for r in ordered])
-    result = {"task": task_name, "metric": task.metric, "value": value, "paper": task.paper, "items": len(ordered),
-              "generated_this_run": len(todo), "results": ordered}
-    output.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
-    output.with_suffix(".md").write_text(_table_markdown(result), encoding="utf-8")
-    return result
+    path = pathlib.Path(data)
+    if not path.exists():
+        raise InputError(f"--data {data}: no such file or directory")
+    needed = dict(METRIC_MODULES.get(task.metric, {}))
+    if path.suffix in (".parquet", ".arrow") or (path.is_dir() and not any(path.rglob("*.trans.txt"))):
+        needed.update(TABLE_MODULES)
+    missing = sorted(pip for module, pip in needed.items() if importlib.util.find_spec(module) is None)
+    if missing:
+        raise InputError(f"task {task_name} needs {', '.join(missing)}, not installed: "
+                         f"pip install \"qwen2audio[eval]\"")
+    return task
+
+
+@dataclass
+class EvalRun:
+    """A task over a dataset with one model and one setting, checked before the model loads: the
+    items, where results go, and the saved results an earlier run left that this one may reuse.
+
+    Saved results are reused only when made the same way (model, task, item, prompt, settings);
+    any other saved result refuses the run, since mixing them would score one setup's outputs as
+    another's. ``overwrite`` starts over instead.
+    """
+
+    task_name: str
+    task: Task
+    items: list[dict[str, Any]]
+    output: pathlib.Path
+    setup: dict[str, Any]
+    done: dict[str, dict[str, Any]]
+
+    @classmethod
+    def prepare(cls, task_name: str, data: str | pathlib.Path, output: str | pathlib.Path, model: str,
+                limit: int | None = None, max_new_tokens: int = 256, segmentation: str = "vad",
+                overwrite: bool = False) -> EvalRun:
+        """``model``: the checkpoint's identity (:func:`qwen2audio.hub.checkpoint_identity`)."""
+        task = check_requirements(task_name, data)
+        items = read_items(data)[:limit]
+        output = pathlib.Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        log = output.with_suffix(".jsonl")
+        if overwrite:
+            log.unlink(missing_ok=True)
+        setup = {"model": model, "task": task_name, "max_new_tokens": max_new_tokens, "segmentation": segmentation,
+                 "decoding": "greedy"}
+        run = cls(task_name, task, items, output, setup, _finished(log))
+        run._check_saved(log)
+        return run
+
+    def key(self, item: dict[str, Any]) -> str:
+        """What produced an item's output: the setup, the item's id and its prompt."""
+        made_of = [self.setup, str(item["id"]), task_prompt(self.task, item)]
+        return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _check_saved(self, log: pathlib.Path) -> None:
+        keys = {str(item["id"]): self.key(item) for item in self.items}
+        foreign = [record for record in self.done.values() if keys.get(record["id"]) != record.get("key")]
+        if foreign:
+            first = foreign[0]
+            made = first.get("setup") or {}
+            changed = [f"{name} {made.get(name)!r} (now {value!r})" for name, value in self.setup.items()
+                       if made.get(name) != value] or [f"item {first['id']!r} or its prompt"]
+            raise InputError(f"{log} holds {len(foreign)} result(s) made another way ({'; '.join(changed)}): "
+                             f"pass --overwrite to start over, or another --output")
+
+    def run(self, model: Qwen2Audio, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+        """Generate what is not saved yet (appending each result as it comes), then score all."""
+        log = self.output.with_suffix(".jsonl")
+        if log.is_file() and log.stat().st_size and not log.read_bytes().endswith(b"\n"):
+            with open(log, "a", encoding="utf-8") as sink:  # an interrupted run cut its last line
+                sink.write("\n")
+        done, task, items = self.done, self.task, self.items
+        todo = [item for item in items if str(item["id"]) not in done]
+        references = [done[str(i["id"])]["reference"] for i in items if str(i["id"]) in done]
+        hypotheses = [done[str(i["id"])]["hypothesis"] for i in items if str(i["id"]) in done]
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=self.task_name, disable=not progress) as bar, \
+                open(log, "a", encoding="utf-8") as sink:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                completions = _generate(model, task, batch, self.setup["max_new_tokens"])
+                for item, text in zip(batch, completions, strict=True):
+                    record = {"id": str(item["id"]), "reference": item["reference"], "hypothesis": text.strip(),
+                              "key": self.key(item), "setup": self.setup}
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    sink.flush()
+                    done[record["id"]] = record
+                    references.append(record["reference"])
+                    hypotheses.append(record["hypothesis"])
+                value = score(task, references, hypotheses)
+                bar.set_postfix({task.metric: f"{value:.4g}"} if value is not None else {})
+                bar.update(len(batch))
+        return self._write(len(todo))
+
+    def _write(self, generated: int) -> dict[str, Any]:
+        ordered = [self.done[str(i["id"])] for i in self.items]
+        value = score(self.task, [r["reference"] for r in ordered], [r["hypothesis"] for r in ordered])
+        results = [{k: r[k] for k in ("id", "reference", "hypothesis")} for r in ordered]
+        result = {"task": self.task_name, "metric": self.task.metric, "value": value, "paper": self.task.paper,
+                  "items": len(ordered), "generated_this_run": generated, "setup": self.setup, "results": results}
+        self.output.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+        self.output.with_suffix(".md").write_text(_table_markdown(result), encoding="utf-8")
+        return result
+
+
+def evaluate(model: Qwen2Audio, task_name: str, data: str | pathlib.Path, output: str | pathlib.Path,
+             limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 256,
+             progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run a task; results append to OUTPUT.jsonl per item, so a rerun with the same model and
+    settings skips finished items (see :class:`EvalRun`)."""
+    run = EvalRun.prepare(task_name, data, output, model.identity, limit, max_new_tokens,
+                          model.processor.segmentation, overwrite)
+    return run.run(model, batch_size, progress)
 
 
 def _finished(log: pathlib.Path) -> dict[str, dict[str, Any]]:
@@ -265,7 +352,7 @@ def _finished(log: pathlib.Path) -> dict[str, dict[str, Any]]:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line cut by an interrupted run is redone
-            done[record["id"]] = record
+            done[str(record["id"])] = record
     return done
 
 

@@ -5,6 +5,7 @@ Owns the download and its offline error message; it must not parse what it finds
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 
@@ -50,10 +51,24 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, allow_patterns: list[str
     except LocalEntryNotFoundError:
         raise CheckpointNotFoundError(
             f"{text}: not in the local Hugging Face cache and the hub cannot be reached (offline?). "
-            f"Download it where you are online (huggingface-cli download {text} --local-dir DIR) "
+            f"Download it where you are online (hf download {text} --local-dir DIR) "
             f"and pass that directory instead."
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointNotFoundError(f"{text}: no such repository on the Hugging Face hub") from None
     except (HfHubHTTPError, OSError) as exc:
         raise CheckpointNotFoundError(f"{text}: download failed ({exc}); pass a local directory instead") from None
+
+
+def checkpoint_identity(name_or_path: str | os.PathLike, directory: pathlib.Path | None = None) -> str:
+    """A label for what a checkpoint is, cheap enough to take before its weights load: the hub id
+    (or the directory's absolute path) and a digest of its config.json. Saved evaluation results
+    are keyed on it."""
+    path = pathlib.Path(name_or_path).expanduser()
+    label = str(path.resolve()) if path.is_dir() else str(name_or_path)
+    directory = directory or resolve_checkpoint(name_or_path, allow_patterns=["config.json"])
+    try:
+        digest = hashlib.sha256((directory / "config.json").read_bytes()).hexdigest()[:12]
+    except OSError as exc:
+        raise CheckpointError(f"{name_or_path}: cannot read config.json ({exc})") from None
+    return f"{label}#{digest}"
