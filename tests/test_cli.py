@@ -185,12 +185,31 @@ def test_clean_transcript_strips_chat_model_chatter():
     assert clean_transcript("Speech is silver.") == "Speech is silver."
 
 
+BEFORE_LOADING = [
+    (["run", "--audio", DATA / "missing.wav"], f"error: --audio {DATA / 'missing.wav'}: no such file\n"),
+    (["run", "--audio", DATA / "random_bytes.wav"], f"--audio {DATA / 'random_bytes.wav'}: cannot decode audio"),
+    (["run", "--audio", DATA / "too_short_10ms.wav"],
+     f"--audio {DATA / 'too_short_10ms.wav'}: 10.0 ms of audio is too short to yield an audio token"),
+    (["run", "--audio", TONE, "--temperature", "-2"], "temperature must be in"),
+    (["transcribe", DATA / "nope"], "nope: no such file or directory"),
+    (["transcribe", TONE, "--output-dir", TONE / "x"], f"--output-dir {TONE / 'x'}: cannot make this folder"),
+]
+
+
+@pytest.mark.parametrize("args,message", BEFORE_LOADING)
+def test_inputs_and_outputs_are_checked_before_the_model_loads(checkpoint, args, message, main, no_model_loading):
+    result = main(args[0], "--model", checkpoint, "--quiet", *args[1:])
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["run", "--audio", DATA / "missing.wav"], "missing.wav': no such file"),
-        (["run", "--audio", DATA / "random_bytes.wav"], "cannot decode audio"),
-        (["run", "--audio", DATA / "too_short_10ms.wav"], "too short to yield an audio token"),
+        (["run", "--audio", DATA / "missing.wav"], f"error: --audio {DATA / 'missing.wav'}: no such file\n"),
+        (["run", "--audio", DATA / "random_bytes.wav"], f"--audio {DATA / 'random_bytes.wav'}: cannot decode audio"),
+        (["run", "--audio", DATA / "too_short_10ms.wav"],
+         f"--audio {DATA / 'too_short_10ms.wav'}: 10.0 ms of audio is too short to yield an audio token"),
         (["run"], "give --audio, --prompt, or both"),
         (["transcribe", DATA / "nope"], "nope: no such file or directory"),
         (["run", "--audio", TONE, "--temperature", "-2"], "temperature must be in"),
@@ -213,7 +232,9 @@ def test_missing_model_exits_2(main):
 @pytest.mark.parametrize("command", ["run", "chat", "transcribe", "inspect"])
 def test_help_has_examples(command, main):
     result = main(command, "--help")
-    assert result.returncode == 0 and "example" in result.stdout and "--device" in result.stdout
+    assert result.returncode == 0 and "example" in result.stdout
+    # inspect loads no model, so it takes none of the model's flags
+    assert ("--device" in result.stdout) == (command != "inspect") and "(default: vad)" in result.stdout
 
 
 def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint):
@@ -307,3 +328,41 @@ def test_serve_reports_a_port_in_use_before_loading(main, no_model_loading, chec
         one_line_usage_error(main("serve", checkpoint, "--port", port), f"cannot listen on 127.0.0.1:{port}: in use")
         assert time.perf_counter() - started < 2.0
     one_line_usage_error(main("serve"), "give the model: qwen2audio serve MODEL")
+
+
+def test_version_and_inspect_reports_every_bad_file(main):
+    from qwen2audio import __version__
+
+    version = main("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"qwen2audio {__version__}"
+    result = main("inspect", DATA / "random_bytes.wav", TONE, DATA / "empty.wav", "--json")
+    assert result.returncode == 1  # some files were bad (all bad: 2, a usage error)
+    assert [json.loads(line)["file"] for line in result.stdout.splitlines()] == [str(TONE)]
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2 and "random_bytes.wav" in errors[0] and "empty.wav" in errors[1]
+    assert main("inspect", DATA / "empty.wav").returncode == 2
+    assert main("inspect", TONE, "--device", "cpu").returncode == 2  # not a flag inspect takes
+
+
+def test_transcribe_searches_subfolders_with_an_include_filter_and_goes_on_past_bad_files(checkpoint, tmp_path,
+                                                                                          main):
+    import shutil
+
+    tree = tmp_path / "talks"
+    (tree / "day1").mkdir(parents=True)
+    (tree / "day2").mkdir()
+    (tree / ".cache").mkdir()
+    shutil.copy(TONE, tree / "day1" / "a.wav")
+    shutil.copy(TONE, tree / "day2" / "a.wav")  # the same name in another folder
+    shutil.copy(DATA / "random_bytes.wav", tree / "day2" / "b.wav")
+    shutil.copy(TONE, tree / ".cache" / "c.wav")  # hidden: skipped
+    (tree / "notes.txt").write_text("not audio")
+    out = tmp_path / "subs"
+    result = main("transcribe", "--model", checkpoint, tree, "--output-dir", out, "--format", "srt",
+                  "--max-new-tokens", "4", "--segmentation", "fixed", "--quiet")
+    assert result.returncode == 1
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.srt")) == ["day1/a.srt", "day2/a.srt"]
+    assert "b.wav" in result.stderr and "2 of 3 files transcribed" in result.stderr
+    only = main("transcribe", "--model", checkpoint, tree, "--include", "day1/*.wav", "--output-dir",
+                tmp_path / "only", "--max-new-tokens", "4", "--segmentation", "fixed", "--quiet")
+    assert only.returncode == 0 and [p.name for p in (tmp_path / "only").rglob("*.txt")] == ["a.txt"]

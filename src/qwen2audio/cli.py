@@ -68,18 +68,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     """One turn: voice chat (audio only), audio analysis (audio + prompt), or a raw base-model prompt."""
     if not args.audio and not args.prompt:
         raise InputError("give --audio, --prompt, or both")
+    from qwen2audio import SamplingParams
+
+    SamplingParams(**_sampling(args))  # a bad value fails here, before the model loads
+    audios = [_decoded(path) for path in args.audio]
     model = _load_model(args)
     if args.raw:
         from qwen2audio import AUDIO_PLACEHOLDER, AUDIO_TOKEN
 
         prompt = args.prompt or ""
-        if args.audio and AUDIO_TOKEN not in prompt:
-            prompt = AUDIO_PLACEHOLDER * len(args.audio) + prompt
+        if audios and AUDIO_TOKEN not in prompt:
+            prompt = AUDIO_PLACEHOLDER * len(audios) + prompt
         if args.json:
-            return _print_json(model.complete(prompt, args.audio, **_sampling(args)))
-        stream = model.complete(prompt, args.audio, stream=True, **_sampling(args))
+            return _print_json(model.complete(prompt, audios, **_sampling(args)))
+        stream = model.complete(prompt, audios, stream=True, **_sampling(args))
     else:
-        messages = _turn(args.system, args.audio, args.prompt)
+        messages = _turn(args.system, audios, args.prompt)
         if args.json:
             return _print_json(model.chat(messages, **_sampling(args)))
         stream = model.chat(messages, stream=True, **_sampling(args))
@@ -90,7 +94,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _turn(system: str | None, audios: Sequence[str], text: str | None) -> list[dict[str, Any]]:
+def _decoded(path: str) -> Any:
+    """An --audio file decoded before anything loads; a bad one is named as the user typed it."""
+    from pathlib import Path
+
+    from qwen2audio import AudioError, load_audio
+
+    if not Path(path).exists() and not path.startswith(("http://", "https://", "data:")):
+        raise InputError(f"--audio {path}: no such file")
+    try:
+        return load_audio(path)
+    except AudioError as exc:
+        raise InputError(f"--audio {path}: {str(exc).removeprefix(f'audio file {path!r}: ')}") from None
+
+
+def _turn(system: str | None, audios: Sequence[Any], text: str | None) -> list[dict[str, Any]]:
     from qwen2audio.chat_session import system_messages, user_message
 
     return [*system_messages(system), user_message(audios, text)]
@@ -110,14 +128,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from qwen2audio.transcribe import WINDOW_TOKENS, Transcriber, collect_files
 
-    files = collect_files(args.inputs)
+    found = collect_files(args.inputs, args.include)
+    names = {str(path): name for path, name in found}
+    if args.output_dir:
+        _make_folder(args.output_dir, "--output-dir")
     transcriber = Transcriber(_load_model(args), language=args.language, task=args.task,
                               max_new_tokens=args.max_new_tokens or WINDOW_TOKENS, segmentation=args.segmentation,
                               details=args.format == "json")
-    results = transcriber.transcribe(files, progress=not args.quiet,
-                                     on_done=lambda result: _write_transcript(result, args, many=len(files) > 1))
+
+    def write(result: Any) -> None:
+        _write_transcript(result, args, Path(names[result.path]), many=len(found) > 1)
+
+    results = transcriber.transcribe([path for path, _ in found], progress=not args.quiet, on_done=write)
     failed = [result for result in results if result.error]
     if len(results) > 1:
         print(f"{len(results) - len(failed)} of {len(results)} files transcribed"
@@ -125,8 +151,18 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _write_transcript(result: Any, args: argparse.Namespace, many: bool) -> None:
-    """One file's transcript, written as soon as it is done (a file that failed: one line on stderr)."""
+def _make_folder(folder: str, option: str) -> None:
+    from pathlib import Path
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {folder}: cannot make this folder ({exc.strerror or exc})") from None
+
+
+def _write_transcript(result: Any, args: argparse.Namespace, name: Any, many: bool) -> None:
+    """One file's transcript, written as soon as it is done (a file that failed: one line on stderr).
+    In --output-dir a file found in a given folder keeps its path inside that folder."""
     if result.error:
         print(result.error if result.path in result.error else f"{result.path}: {result.error}", file=sys.stderr)
         return
@@ -134,9 +170,9 @@ def _write_transcript(result: Any, args: argparse.Namespace, many: bool) -> None
     if args.output_dir:
         from pathlib import Path
 
-        out_dir = Path(args.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{Path(result.path).stem}.{args.format}").write_text(text, encoding="utf-8")
+        target = Path(args.output_dir) / name.with_suffix(f".{args.format}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
     else:
         if many:
             print(f"==> {result.path} <==")
@@ -171,24 +207,30 @@ def _table_text(output: str) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    """Decode each file and report what the model would see: duration, windows, audio tokens."""
-    from qwen2audio import FeatureExtractor, load_audio, plan_windows
+    """Decode each file and report what the model would see: duration, windows, audio tokens. Every
+    bad file is reported (one line each) and the rest still inspected."""
+    from qwen2audio import AudioError, FeatureExtractor, load_audio, plan_windows
 
     extractor = FeatureExtractor()
     config = extractor.config
+    failed = 0
     for path in args.files:
-        samples = load_audio(path, max_duration_s=args.max_duration)
+        try:
+            samples = load_audio(path, max_duration_s=args.max_duration)
+        except AudioError as exc:
+            print(f"qwen2audio: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         windows = plan_windows(samples, args.segmentation, config.chunk_length, skip_silence=False)
-        tokens = extractor.token_count(samples, windows)
         report = {
             "file": path,
             "seconds": round(len(samples) / config.sampling_rate, 3),
             "windows": len(windows),
-            "audio_tokens": tokens,
+            "audio_tokens": extractor.token_count(samples, windows),
             "peak": round(float(abs(samples).max()), 4),
         }
         print(json.dumps(report) if args.json else "  ".join(f"{k}={v}" for k, v in report.items()))
-    return 0
+    return 0 if not failed else EXIT_USAGE if failed == len(args.files) else 1
 
 
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
@@ -201,18 +243,23 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="KV cache storage: auto (the model's dtype) or fp8 (half the memory and "
                              "decode reads, slightly less exact)")
-    parser.add_argument("--segmentation", choices=SEGMENTATIONS, default="vad",
-                        help="where audio over 30 s is cut into windows: in pauses found by voice activity "
-                             "detection (vad), or every 30 s (fixed)")
+    _segmentation(parser)
     parser.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _segmentation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--segmentation", choices=SEGMENTATIONS, default="vad",
+                        help="where audio over 30 s is cut into windows: in pauses found by voice activity "
+                             "detection (vad), or every 30 s (fixed)")
+
+
 def _sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, help="most tokens to generate")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="most tokens to generate (default: the checkpoint's generation_config.json, else 256)")
     parser.add_argument("--temperature", type=float, help="0 = greedy (default: the checkpoint's)")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling mass")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the checkpoint's)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one each run)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,7 +281,10 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qwen2audio import __version__
+
     parser = _Parser(prog="qwen2audio", description="Qwen2-Audio: audio + text in, text out.")
+    parser.add_argument("--version", action="version", version=f"qwen2audio {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -264,8 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe",
                             help="translate = into English")
     transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt")
-    transcribe.add_argument("--output-dir", help="write one file per input here instead of printing")
+    transcribe.add_argument("--output-dir",
+                            help="write one file per input here, subfolders kept (default: print to stdout)")
     transcribe.add_argument("--max-new-tokens", type=int, help="most tokens per 30 s window (default 448)")
+    transcribe.add_argument("--include", metavar="GLOB",
+                            help="in directories (searched with their subfolders), only files whose path "
+                                 "inside matches GLOB, e.g. '*.m4a' (default: every audio file)")
     transcribe.set_defaults(handler=_cmd_transcribe)
 
     serve = command("serve", "OpenAI-compatible HTTP server (chat, completions, audio transcriptions)")
@@ -283,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"one of: {', '.join(TASKS)}")
     evaluation.add_argument("--data", required=True,
                             help="JSONL manifest, LibriSpeech directory, or parquet/arrow file or directory")
-    evaluation.add_argument("--limit", type=int, help="only the first N items")
+    evaluation.add_argument("--limit", type=int, help="only the first N items (default: all)")
     evaluation.add_argument("--batch-size", type=int, default=16)
     evaluation.add_argument("--max-new-tokens", type=int, default=256)
     evaluation.add_argument("--output", help="results JSON (default eval-TASK.json; items go to .jsonl, table to .md); "
@@ -293,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(handler=_cmd_eval)
 
     inspect = command("inspect", "decode audio files; show duration, windows and audio-token count")
-    _common(inspect, model=False)
+    _segmentation(inspect)
+    inspect.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     inspect.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg, opus, m4a, webm, ...)")
     inspect.add_argument("--json", action="store_true", help="one JSON object per file")
     inspect.add_argument("--max-duration", type=float, default=DEFAULT_MAX_DURATION_S,

@@ -42,21 +42,31 @@ _LANGUAGE_TAG = re.compile(r"<\|[a-z]{2,3}\|>")
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "「": "」"}
 
 
-def collect_files(inputs: Sequence[str]) -> list[pathlib.Path]:
-    """Files as given, and the audio files (by extension) directly inside given directories."""
-    files: list[pathlib.Path] = []
+def collect_files(inputs: Sequence[str], include: str | None = None) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """(file, name to write its transcript under) for files as given and for the audio files found
+    in given directories and their subfolders (by extension, or matching the ``include`` glob);
+    a directory's files are named by their path inside it, so equal names in subfolders stay apart."""
+    files: list[tuple[pathlib.Path, pathlib.Path]] = []
     for item in inputs:
         path = pathlib.Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+            found = sorted(p for p in path.rglob(include or "*")
+                           if p.is_file() and _wanted(p.relative_to(path), include))
             if not found:
-                raise InputError(f"{path}: no audio files in this directory")
-            files.extend(found)
+                raise InputError(f"{path}: no {'files matching ' + repr(include) if include else 'audio files'} "
+                                 f"in this directory or below")
+            files.extend((p, p.relative_to(path)) for p in found)
         elif path.is_file():
-            files.append(path)
+            files.append((path, pathlib.Path(path.name)))
         else:
             raise InputError(f"{path}: no such file or directory")
     return files
+
+
+def _wanted(relative: pathlib.Path, include: str | None) -> bool:
+    if any(part.startswith(".") for part in relative.parts):  # hidden files and folders
+        return False
+    return include is not None or relative.suffix.lower() in AUDIO_EXTENSIONS
 
 
 def clean_transcript(text: str) -> str:
