@@ -366,3 +366,44 @@ def test_transcribe_searches_subfolders_with_an_include_filter_and_goes_on_past_
     only = main("transcribe", "--model", checkpoint, tree, "--include", "day1/*.wav", "--output-dir",
                 tmp_path / "only", "--max-new-tokens", "4", "--segmentation", "fixed", "--quiet")
     assert only.returncode == 0 and [p.name for p in (tmp_path / "only").rglob("*.txt")] == ["a.txt"]
+
+
+def test_chat_at_a_terminal_edits_lines_keeps_history_and_leaves_on_ctrl_d(checkpoint, tmp_path):
+    """`qwen2audio chat` in a pseudo-terminal: readline's editing (Ctrl-A moves to the line's start),
+    the up arrow recalls the last line, Ctrl-D leaves with status 0, and the history file holds
+    the line for the next session."""
+    import os
+    import pty
+    import select
+    import subprocess
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "HOME": str(tmp_path), "TERM": "dumb"}
+    process = subprocess.Popen([sys.executable, "-m", "qwen2audio.cli", "chat", "--model", str(checkpoint),
+                                "--max-new-tokens", "2", "--quiet"],
+                               stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True)
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes, count: int = 1, timeout: float = 120.0) -> None:
+        nonlocal seen
+        deadline = time.time() + timeout
+        while seen.count(marker) < count and time.time() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                with contextlib.suppress(OSError):
+                    seen += os.read(leader, 4096)
+
+    import contextlib
+
+    read_until(b"you> ")
+    os.write(leader, b"reset\x01/\r")  # typed "reset", Ctrl-A to its start, "/" before it: "/reset"
+    read_until(b"new conversation")
+    read_until(b"you> ", 2)
+    os.write(leader, b"\x1b[A\r")  # up arrow: "/reset" again
+    read_until(b"new conversation", 2)
+    read_until(b"you> ", 3)
+    os.write(leader, b"\x04")  # Ctrl-D
+    assert process.wait(timeout=60) == 0, seen.decode(errors="replace")
+    os.close(leader)
+    assert seen.count(b"new conversation") == 2 and b"Traceback" not in seen
+    assert (tmp_path / ".qwen2audio_history").read_text().splitlines()[-1] == "/reset"

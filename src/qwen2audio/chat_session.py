@@ -48,25 +48,23 @@ class ChatSession:
         self.pending_audio = []
 
     def loop(self, stdin: IO[str], stdout: IO[str], stderr: IO[str]) -> int:
-        """Read lines until /exit or end of input; returns the exit code."""
-        interactive = stdin.isatty()
+        """Read lines until /exit or end of input (Ctrl-D); returns the exit code. At a terminal,
+        lines are edited with readline and kept in a history file across sessions."""
         print(HELP, file=stderr)
-        while True:
-            if interactive:
-                print("you> ", end="", file=stderr, flush=True)
-            try:
-                line = stdin.readline()
-            except KeyboardInterrupt:
-                print(file=stderr)
-                continue
-            if not line:
-                return 0
-            line = line.rstrip("\n")
-            try:
-                if self.handle(line, stdout, stderr) == "exit":
+        with _line_reader(stdin, stderr) as read:
+            while True:
+                try:
+                    line = read()
+                except KeyboardInterrupt:
+                    print(file=stderr)
+                    continue
+                if line is None:
                     return 0
-            except InputError as exc:
-                print(f"error: {exc}", file=stderr)
+                try:
+                    if self.handle(line, stdout, stderr) == "exit":
+                        return 0
+                except InputError as exc:
+                    print(f"error: {exc}", file=stderr)
 
     def handle(self, line: str, stdout: IO[str], stderr: IO[str]) -> str | None:
         command, _, rest = line.partition(" ")
@@ -140,3 +138,40 @@ def _ctrl_c_stops() -> Iterator[threading.Event]:
         yield stopped
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+HISTORY = pathlib.Path("~/.qwen2audio_history")
+
+
+@contextlib.contextmanager
+def _line_reader(stdin: IO[str], stderr: IO[str]) -> Iterator[Any]:
+    """A function returning the next line (None at the end of input). At a terminal: input() with
+    readline's editing and the history file, read at the start and written at the end."""
+    import sys
+
+    if not (stdin is sys.stdin and stdin.isatty()):
+        def next_line() -> str | None:
+            line = stdin.readline()
+            return line.rstrip("\n") if line else None
+
+        yield next_line
+        return
+    import readline
+
+    history = HISTORY.expanduser()
+    with contextlib.suppress(OSError):
+        readline.read_history_file(history)
+    readline.set_history_length(1000)
+
+    def read() -> str | None:
+        try:
+            return input("you> ")
+        except EOFError:  # Ctrl-D
+            print(file=stderr)
+            return None
+
+    try:
+        yield read
+    finally:
+        with contextlib.suppress(OSError):
+            readline.write_history_file(history)
