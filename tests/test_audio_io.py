@@ -178,3 +178,17 @@ def test_url_download_respects_size_limit_and_decodes(tmp_path) -> None:
         np.testing.assert_array_equal(load_audio(url, url_policy=UrlPolicy()), load_audio(payload))
         with pytest.raises(AudioError, match="larger than the 1000 byte limit"):
             load_audio(url, url_policy=UrlPolicy(max_bytes=1000))
+
+
+def test_the_mp3_decoders_own_warnings_go_to_logging_not_stderr(capfd, caplog):
+    """libsndfile's MP3 decoder prints "Xing stream size off ..." on file descriptor 2 for this
+    truncated file; it reaches logging (INFO) instead, and nothing reaches the terminal."""
+    import logging
+
+    from qwen2audio import load_audio
+
+    with caplog.at_level(logging.INFO, logger="qwen2audio"):
+        samples = load_audio(pathlib.Path(__file__).parent / "data" / "truncated.mp3")
+    assert len(samples) > 0
+    assert capfd.readouterr().err == ""
+    assert any("Xing stream size off" in record.getMessage() for record in caplog.records)

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import logging
 import os
 import pathlib
 import re
+import sys
+import tempfile
+import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Union
 
@@ -237,7 +242,8 @@ def decode_bytes(data: bytes, name: str = "audio bytes") -> tuple[np.ndarray, in
     import soundfile
 
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with _decoder_messages_logged(name, _looks_like_mp3(data)):
+            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
         return samples, int(rate)
     except Exception as sf_error:  # libsndfile raises several types; PyAV gets the next try
         sf_reason = str(sf_error).split(":")[-1].strip().rstrip(".") or type(sf_error).__name__
@@ -250,6 +256,37 @@ def decode_bytes(data: bytes, name: str = "audio bytes") -> tuple[np.ndarray, in
             f"{name}: cannot decode audio, unsupported or corrupt format "
             f"(soundfile: {sf_reason}; FFmpeg: {_av_reason(av_error)})"
         ) from None
+
+
+def _looks_like_mp3(data: bytes) -> bool:
+    """An ID3 tag or an MPEG audio frame header at the start."""
+    return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+
+
+@contextlib.contextmanager
+def _decoder_messages_logged(name: str, active: bool) -> Iterator[None]:
+    """libsndfile's MP3 decoder (mpg123) prints its warnings ("Xing stream size off ...") straight
+    to file descriptor 2, past Python: while it runs they are caught in a file and sent to logging.
+    The descriptor is the process's, so this is held briefly and one decode at a time."""
+    if not active:
+        yield
+        return
+    with _STDERR_LOCK, tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    logger.info("%s: decoder: %s", name, line.strip())
+
+
+_STDERR_LOCK = threading.Lock()
 
 
 def _av_reason(error: Exception) -> str:
