@@ -160,3 +160,39 @@ def test_the_page_asks_for_the_api_key_when_the_server_wants_one(browser, served
     finally:
         context.close()
         keyed.stop()
+
+
+def test_settings_defaults_are_the_servers_and_fit_their_fields(browser, served):
+    """No 404 while the page loads (the favicon is served); the settings' placeholders fit their
+    fields; an untouched page sends neither temperature nor max_tokens (the server's defaults
+    apply); the temperature field's limit is the one SamplingParams and the server enforce."""
+    from qwen2audio.engine.request import MAX_TEMPERATURE, SamplingError, SamplingParams
+
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    missing, sent = [], []
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(served[0].url + "/")
+    page.wait_for_load_state("networkidle")
+    assert not missing
+    page.click("#settings summary")
+    for field in ("#temperature", "#max-tokens"):
+        overflow = page.evaluate("""(selector) => {
+            const input = document.querySelector(selector), style = getComputedStyle(input);
+            const context = document.createElement("canvas").getContext("2d");
+            context.font = `${style.fontSize} ${style.fontFamily}`;
+            const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+            return context.measureText(input.placeholder).width - room; }""", field)
+        assert overflow < -16, (field, overflow)  # the number spinner takes about 15 px
+    assert float(page.get_attribute("#temperature", "max")) == MAX_TEMPERATURE
+    page.fill("#text", "Hello")
+    page.click("#send")
+    reply_of(page, 0)
+    body = json.loads(sent[0])
+    assert "temperature" not in body and "max_tokens" not in body
+    context.close()
+    with pytest.raises(SamplingError, match=f"temperature must be in \\[0, {MAX_TEMPERATURE:g}\\]"):
+        SamplingParams(temperature=MAX_TEMPERATURE + 0.5)
+    too_hot = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": MAX_TEMPERATURE + 0.5}
+    assert httpx.post(served[0].url + "/v1/chat/completions", json=too_hot, timeout=60).status_code == 400

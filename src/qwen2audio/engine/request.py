@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from qwen2audio.audio.segment import Window
 
 
+MAX_TEMPERATURE = 2.0  # OpenAI's; the one limit for the API, the CLI, the server and the web page
+
+
 class SamplingError(InputError):
     """A sampling parameter outside its range."""
 
@@ -112,7 +115,8 @@ class SamplingParams:
         checks = [
             (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
-            (self.temperature is None or 0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
+            (self.temperature is None or 0.0 <= self.temperature <= MAX_TEMPERATURE,
+             f"temperature must be in [0, {MAX_TEMPERATURE:g}]"),
             (self.top_k is None or self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
             (self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.repetition_penalty is None or self.repetition_penalty > 0, "repetition_penalty must be > 0"),

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from qwen2audio.engine.request import MAX_TEMPERATURE
+
 INT64 = (-(2**63), 2**63 - 1)  # seeds: what a 64-bit generator takes (vLLM's range)
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM any number)
 MAX_LOGIT_BIAS = 300  # tokens per request: the bias is applied every step, so one request must not slow all
@@ -29,7 +31,7 @@ class _Sampling(BaseModel):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stop: str | list[str] | None = Field(default=None)
