@@ -407,3 +407,21 @@ def test_chat_at_a_terminal_edits_lines_keeps_history_and_leaves_on_ctrl_d(check
     os.close(leader)
     assert seen.count(b"new conversation") == 2 and b"Traceback" not in seen
     assert (tmp_path / ".qwen2audio_history").read_text().splitlines()[-1] == "/reset"
+
+
+def test_every_option_of_every_command_says_its_default():
+    """Options users may leave out say what they get then, in `--help` as argparse renders it."""
+    import argparse
+
+    parser = command_line.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = []
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if (not action.option_strings or action.required or action.nargs == 0
+                    or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+                continue
+            shown = sub.formatter_class(prog=name)._get_help_string(action) % {"default": action.default}
+            if "default" not in shown:
+                silent.append(f"{name} {action.option_strings[0]}")
+    assert not silent, silent

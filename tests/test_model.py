@@ -248,8 +248,12 @@ def test_missing_directory_and_offline_hub_id(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(CheckpointError, match="pass that directory instead"):
+    with pytest.raises(CheckpointError, match=r"\(hf download Qwen/Qwen2-Audio-7B-Instruct --local-dir DIR\) "
+                                              r"and pass that directory instead"):
         Qwen2Audio.from_pretrained("Qwen/Qwen2-Audio-7B-Instruct", progress=False)
+    import shutil
+
+    assert shutil.which("hf"), "huggingface_hub's `hf` command, which the hint names, is installed with us"
 
 
 def test_bad_device_and_dtype(checkpoints):

@@ -274,8 +274,9 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS, []) and "%(default)" not in text \
-                and "default" not in text and action.option_strings:
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+            or action.default == []
+        if not unset and "%(default)" not in text and "default" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
 
@@ -293,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", "one turn: audio only (voice chat), audio + prompt (analysis), or --raw")
     _common(run)
-    run.add_argument("--audio", action="append", default=[], help="an audio file (repeat for several)")
-    run.add_argument("--prompt", help="the text of the turn (with --raw: the whole raw prompt)")
-    run.add_argument("--system", help="system prompt")
+    run.add_argument("--audio", action="append", default=[],
+                     help="an audio file (repeat for several; default: none, text only)")
+    run.add_argument("--prompt", help="the text of the turn (with --raw: the whole raw prompt; default: none, "
+                                      "the audio alone: voice chat)")
+    run.add_argument("--system", help="system prompt (default: the chat template's)")
     run.add_argument("--raw", action="store_true", help="base-model prompt; <|AUDIO|> takes the audios in order")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _sampling_options(run)
@@ -303,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = command("chat", "interactive multi-turn chat (voice chat and audio analysis)")
     _common(chat)
-    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--system", help="system prompt (default: the chat template's)")
     _sampling_options(chat)
     chat.set_defaults(handler=_cmd_chat)
 

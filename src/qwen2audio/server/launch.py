@@ -31,10 +31,11 @@ UNSUPPORTED = {  # vLLM flags a user will try: what to do instead
 
 def add_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("model_path", nargs="?", metavar="MODEL", help="checkpoint directory or hub id (or --model)")
-    serve.add_argument("--model", help="the same as MODEL")
+    serve.add_argument("--model", help="the same as MODEL (default: MODEL)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (1-65535)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QWEN2AUDIO_API_KEY)")
+    serve.add_argument("--api-key",
+                       help="require 'Authorization: Bearer KEY' (or set QWEN2AUDIO_API_KEY; default: no key)")
     serve.add_argument("--served-model-name", nargs="+", help="the model id(s) clients use (default: MODEL)")
     serve.add_argument("--max-model-len", type=_positive,
                        help="longest prompt + reply in tokens (default: the model's)")
@@ -43,19 +44,21 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
                        help="share of GPU memory for weights, activations and the KV cache")
     serve.add_argument("--kv-cache-memory-bytes", type=_positive,
-                       help="the KV cache's size in bytes, instead of sizing it from free memory")
+                       help="the KV cache's size in bytes (default: sized from free memory and "
+                            "--gpu-memory-utilization)")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV cache of shared prompt prefixes (audio keyed by content)")
     serve.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
     serve.add_argument("--chat-template", metavar="FILE",
-                       help="a Jinja chat template file to use instead of the model's")
+                       help="a Jinja chat template file to use instead of the model's (default: the model's)")
     serve.add_argument("--limit-mm-per-prompt", type=_limits, metavar="JSON",
                        help='most clips per prompt, e.g. \'{"audio": 2}\' (default: no limit)')
-    serve.add_argument("--allowed-local-media-path", help="allow file:// audio URLs inside this directory")
+    serve.add_argument("--allowed-local-media-path",
+                       help="allow file:// audio URLs inside this directory (default: file:// refused)")
     serve.add_argument("--allow-remote-audio", action="store_true",
                        help="allow http(s) audio URLs (private, loopback and link-local addresses stay refused)")
     serve.add_argument("--allowed-host", action="append", default=[],
-                       help="a host that remote audio may come from even if it is private (repeatable)")
+                       help="a host that remote audio may come from even if it is private (repeatable; default: none)")
     serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body in MB")
     serve.add_argument("--max-pending", type=_positive, default=256, help="requests in flight before 429")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
