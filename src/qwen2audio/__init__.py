@@ -8,6 +8,7 @@ from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingParams
 from qwen2audio.errors import AudioError, CheckpointError, ContextLengthError, InputError, PromptError
+from qwen2audio.hub import checkpoint_identity
 from qwen2audio.processor import Processor
 from qwen2audio.text.prompt import AUDIO_PLACEHOLDER, AUDIO_TOKEN
 
@@ -31,6 +32,7 @@ __all__ = [
     "Qwen2Audio",
     "SamplingParams",
     "TextDelta",
+    "checkpoint_identity",
     "load_audio",
     "plan_windows",
 ]

@@ -188,8 +188,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """A report benchmark on local data; resumable through OUTPUT.jsonl."""
+    from qwen2audio import checkpoint_identity
     from qwen2audio.evaluation import EvalRun
-    from qwen2audio.hub import checkpoint_identity
 
     output = args.output or f"eval-{args.task}.json"
     run = EvalRun.prepare(args.task, args.data, output, checkpoint_identity(args.model), limit=args.limit,

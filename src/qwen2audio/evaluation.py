@@ -262,10 +262,10 @@ class EvalRun:
     done: dict[str, dict[str, Any]]
 
     @classmethod
-    def prepare(cls, task_name: str, data: str | pathlib.Path, output: str | pathlib.Path, model: str,
+    def prepare(cls, task_name: str, data: str | pathlib.Path, output: str | pathlib.Path, model_identity: str,
                 limit: int | None = None, max_new_tokens: int = 256, segmentation: str = "vad",
                 overwrite: bool = False) -> EvalRun:
-        """``model``: the checkpoint's identity (:func:`qwen2audio.hub.checkpoint_identity`)."""
+        """``model_identity``: what the weights are (:func:`qwen2audio.checkpoint_identity`)."""
         task = check_requirements(task_name, data)
         items = read_items(data)[:limit]
         output = pathlib.Path(output)
@@ -273,8 +273,8 @@ class EvalRun:
         log = output.with_suffix(".jsonl")
         if overwrite:
             log.unlink(missing_ok=True)
-        setup = {"model": model, "task": task_name, "max_new_tokens": max_new_tokens, "segmentation": segmentation,
-                 "decoding": "greedy"}
+        setup = {"model": model_identity, "task": task_name, "max_new_tokens": max_new_tokens,
+                 "segmentation": segmentation, "decoding": "greedy"}
         run = cls(task_name, task, items, output, setup, _finished(log))
         run._check_saved(log)
         return run
