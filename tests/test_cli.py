@@ -368,6 +368,20 @@ def test_transcribe_searches_subfolders_with_an_include_filter_and_goes_on_past_
     assert only.returncode == 0 and [p.name for p in (tmp_path / "only").rglob("*.txt")] == ["a.txt"]
 
 
+def test_transcribe_refuses_inputs_that_would_share_a_transcript_before_loading(tmp_path, main, no_model_loading,
+                                                                                 checkpoint):
+    import shutil
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(TONE, tmp_path / folder / "x.wav")
+    shared = main("transcribe", "--model", checkpoint, tmp_path / "a", tmp_path / "b", "--output-dir",
+                  tmp_path / "out", "--quiet")
+    assert shared.returncode == 2 and "would both be written to x.txt in --output-dir" in shared.stderr
+    absolute = main("transcribe", "--model", checkpoint, tmp_path / "a", "--include", "/abs/*.wav", "--quiet")
+    assert absolute.returncode == 2 and "--include /abs/*.wav: not a pattern inside a folder" in absolute.stderr
+
+
 def test_chat_at_a_terminal_edits_lines_keeps_history_and_leaves_on_ctrl_d(checkpoint, tmp_path):
     """`qwen2audio chat` in a pseudo-terminal: readline's editing (Ctrl-A moves to the line's start),
     the up arrow recalls the last line, Ctrl-D leaves with status 0, and the history file holds
@@ -388,23 +402,29 @@ def test_chat_at_a_terminal_edits_lines_keeps_history_and_leaves_on_ctrl_d(check
     def read_until(marker: bytes, count: int = 1, timeout: float = 120.0) -> None:
         nonlocal seen
         deadline = time.time() + timeout
-        while seen.count(marker) < count and time.time() < deadline:
+        while seen.count(marker) < count:
+            assert time.time() < deadline, f"no {marker!r} x{count} in: {seen.decode(errors='replace')}"
             if select.select([leader], [], [], 0.5)[0]:
                 with contextlib.suppress(OSError):
                     seen += os.read(leader, 4096)
 
     import contextlib
 
-    read_until(b"you> ")
-    os.write(leader, b"reset\x01/\r")  # typed "reset", Ctrl-A to its start, "/" before it: "/reset"
-    read_until(b"new conversation")
-    read_until(b"you> ", 2)
-    os.write(leader, b"\x1b[A\r")  # up arrow: "/reset" again
-    read_until(b"new conversation", 2)
-    read_until(b"you> ", 3)
-    os.write(leader, b"\x04")  # Ctrl-D
-    assert process.wait(timeout=60) == 0, seen.decode(errors="replace")
-    os.close(leader)
+    try:
+        read_until(b"you> ")
+        os.write(leader, b"reset\x01/\r")  # typed "reset", Ctrl-A to its start, "/" before it: "/reset"
+        read_until(b"new conversation")
+        read_until(b"you> ", 2)
+        os.write(leader, b"\x1b[A\r")  # up arrow: "/reset" again
+        read_until(b"new conversation", 2)
+        read_until(b"you> ", 3)
+        os.write(leader, b"\x04")  # Ctrl-D
+        assert process.wait(timeout=60) == 0, seen.decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(leader)
     assert seen.count(b"new conversation") == 2 and b"Traceback" not in seen
     assert (tmp_path / ".qwen2audio_history").read_text().splitlines()[-1] == "/reset"
 

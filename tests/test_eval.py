@@ -185,6 +185,8 @@ def test_saved_results_are_reused_only_when_made_the_same_way(model, datasets, t
     assert again["generated_this_run"] == 6 and again["setup"]["max_new_tokens"] == 5
     resumed = evaluate(model, "meld", datasets["meld"], output, max_new_tokens=5, progress=False)
     assert resumed["generated_this_run"] == 0 and resumed["results"] == again["results"]
+    fewer = evaluate(model, "meld", datasets["meld"], output, limit=3, max_new_tokens=5, progress=False)
+    assert fewer["generated_this_run"] == 0 and fewer["results"] == again["results"][:3]  # a subset is reused
 
 
 def test_a_missing_metric_library_is_named_before_the_model_loads(datasets, checkpoint, tmp_path, monkeypatch,

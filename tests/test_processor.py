@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import itertools
 import json
 import pathlib
 from typing import Any
@@ -621,3 +622,27 @@ def test_a_chat_template_given_at_load_replaces_the_checkpoints() -> None:
     prompt = processor.prepare([{"role": "user", "content": "Hello there"}])
     assert processor.tokenizer.decode(prompt.token_ids) == "[user] Hello there\nASSISTANT:"
     assert processor.chat_template.has_checkpoint_template
+
+
+def test_audio_past_the_context_is_refused_before_its_windows_are_planned(monkeypatch):
+    """Ten minutes cannot fit 4096 tokens however they are cut: refused without running the VAD.
+    The bound never exceeds the real count: checked by hand-free comparison over many lengths."""
+    import qwen2audio.audio.segment as segment
+
+    processor = Processor.from_pretrained(REAL_DIR, max_context=4096)
+    monkeypatch.setattr(segment, "speech_spans", lambda samples: pytest.fail("the VAD ran"))
+    with pytest.raises(ContextLengthError, match=r"at least 14\d\d\d audio tokens \(600 s of audio\), more than "
+                                                 r"the model's context of 4096"):
+        processor(conv({"type": "audio", "audio": np.zeros(600 * SR, np.float32)}))
+    from qwen2audio.audio.features import FeatureConfig, audio_token_count, frame_count
+    from qwen2audio.processor import audio_tokens_at_least
+
+    config, rng = FeatureConfig(), np.random.default_rng(0)
+    for n in [*rng.integers(321, 19_200_000, 300), 480_000, 480_321, 960_000]:
+        cuts, start = [], 0  # a random cut: every window but the last at least half of 30 s
+        while n - start > 480_000:
+            start += int(rng.integers(240_000, 480_001))
+            cuts.append(start)
+        edges = [0, *cuts, n]
+        tokens = sum(audio_token_count(frame_count(b - a, config)) for a, b in itertools.pairwise(edges))
+        assert audio_tokens_at_least(int(n), config) <= tokens, n

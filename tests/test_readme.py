@@ -123,17 +123,19 @@ def test_server_example_and_its_python_client(workspace):
     port = free_port()
     optional_left_out = re.sub(r"\[[^\]]*\]", "", substituted(serve, checkpoint))
     argv = shlex.split(optional_left_out.replace("--port 8000", f"--port {port}"))
-    server = subprocess.Popen([sys.executable, "-m", "qwen2audio.cli", *argv[1:], "--quiet"], cwd=root,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = root / "serve.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "qwen2audio.cli", *argv[1:], "--quiet"], cwd=root,
+                                  stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and server.poll() is None:
+        while True:
+            assert server.poll() is None and time.time() < deadline, log.read_text()
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        assert server.poll() is None, server.stderr.read() if server.stderr else ""
         client_code = [b for b in blocks("python") if "OpenAI(" in b]
         assert client_code
         for code in client_code:

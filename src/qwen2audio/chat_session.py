@@ -149,16 +149,20 @@ def _line_reader(stdin: IO[str], stderr: IO[str]) -> Iterator[Any]:
     readline's editing and the history file, read at the start and written at the end."""
     import sys
 
-    if not (stdin is sys.stdin and stdin.isatty()):
+    readline = _readline() if stdin is sys.stdin and stdin.isatty() and sys.stdout.isatty() else None
+    if readline is None:  # piped, or no readline (Windows): plain lines, the prompt on stderr
         def next_line() -> str | None:
+            if stdin.isatty():
+                print("you> ", end="", file=stderr, flush=True)
             line = stdin.readline()
             return line.rstrip("\n") if line else None
 
         yield next_line
         return
-    import readline
-
-    history = HISTORY.expanduser()
+    try:
+        history = HISTORY.expanduser()
+    except RuntimeError:  # no home directory
+        history = pathlib.Path(".qwen2audio_history")
     with contextlib.suppress(OSError):
         readline.read_history_file(history)
     readline.set_history_length(1000)
@@ -175,3 +179,11 @@ def _line_reader(stdin: IO[str], stderr: IO[str]) -> Iterator[Any]:
     finally:
         with contextlib.suppress(OSError):
             readline.write_history_file(history)
+
+
+def _readline() -> Any:
+    try:
+        import readline
+    except ImportError:
+        return None
+    return readline

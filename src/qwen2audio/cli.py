@@ -100,7 +100,7 @@ def _decoded(path: str) -> Any:
 
     from qwen2audio import AudioError, load_audio
 
-    if not Path(path).exists() and not path.startswith(("http://", "https://", "data:")):
+    if not Path(path).exists() and not path.startswith(("http://", "https://", "data:", "file:")):
         raise InputError(f"--audio {path}: no such file")
     try:
         return load_audio(path)
@@ -135,6 +135,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     found = collect_files(args.inputs, args.include)
     names = {str(path): name for path, name in found}
     if args.output_dir:
+        _check_distinct_outputs(found, args.format)
         _make_folder(args.output_dir, "--output-dir")
     transcriber = Transcriber(_load_model(args), language=args.language, task=args.task,
                               max_new_tokens=args.max_new_tokens or WINDOW_TOKENS, segmentation=args.segmentation,
@@ -149,6 +150,17 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"{len(results) - len(failed)} of {len(results)} files transcribed"
               + (f"; failed: {', '.join(r.path for r in failed)}" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_distinct_outputs(found: Sequence[tuple[Any, Any]], fmt: str) -> None:
+    """Two inputs must not be written to one transcript file (x.wav and x.mp3, or a/x.wav and b/x.wav)."""
+    taken: dict[Any, Any] = {}
+    for path, name in found:
+        target = name.with_suffix(f".{fmt}")
+        if target in taken:
+            raise InputError(f"{taken[target]} and {path} would both be written to {target} in --output-dir: "
+                             f"transcribe them into separate folders")
+        taken[target] = path
 
 
 def _make_folder(folder: str, option: str) -> None:

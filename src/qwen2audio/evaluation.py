@@ -281,12 +281,14 @@ class EvalRun:
 
     def key(self, item: dict[str, Any]) -> str:
         """What produced an item's output: the setup, the item's id and its prompt."""
-        made_of = [self.setup, str(item["id"]), task_prompt(self.task, item)]
+        prompt = item.get("question", "") if self.task.kind == "chat" else task_prompt(self.task, item)  # no audio
+        made_of = [self.setup, str(item["id"]), prompt]
         return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _check_saved(self, log: pathlib.Path) -> None:
         keys = {str(item["id"]): self.key(item) for item in self.items}
-        foreign = [record for record in self.done.values() if keys.get(record["id"]) != record.get("key")]
+        foreign = [record for record in self.done.values()  # items left out now (--limit) do not count
+                   if record["id"] in keys and keys[record["id"]] != record.get("key")]
         if foreign:
             first = foreign[0]
             made = first.get("setup") or {}

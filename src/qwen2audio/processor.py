@@ -153,6 +153,7 @@ class Processor:
             )
         self._check_length(text)
         samples = [self._load(source, where) for source, where in sources]
+        self._check_audio_fits(text, samples)
         windows = [self.plan(s) for s in samples]
         counts = [self.feature_extractor.token_count(s, w) for s, w in zip(samples, windows, strict=True)]
         ids, placements = expand_audio_tokens(
@@ -178,6 +179,19 @@ class Processor:
         if at_least > self.max_context:
             raise ContextLengthError(f"the prompt is {len(text)} characters, at least {at_least} tokens: more than the "
                               f"model's context of {self.max_context}")
+
+    def _check_audio_fits(self, text: str, samples: Sequence[np.ndarray]) -> None:
+        """Refuse audio that cannot fit the context before planning its windows (a VAD pass over
+        minutes of audio). However a clip is cut, a window of n samples yields at least n / 640 - 1
+        tokens, and no window but the last is shorter than half the longest."""
+        if self.max_context is None or not samples:
+            return
+        config = self.feature_extractor.config
+        at_least = sum(audio_tokens_at_least(len(s), config) for s in samples)
+        if at_least > self.max_context:
+            seconds = sum(len(s) for s in samples) / config.sampling_rate
+            raise ContextLengthError(f"the prompt holds at least {at_least} audio tokens ({seconds:.0f} s of audio), "
+                                     f"more than the model's context of {self.max_context}")
 
     def _load(self, source: Any, where: str) -> np.ndarray:
         try:
@@ -217,6 +231,14 @@ class Processor:
             spans,
             features.window_tokens,
         )
+
+
+def audio_tokens_at_least(num_samples: int, config: FeatureConfig) -> int:
+    """A floor on the audio tokens of a clip however it is cut into windows of at most one window's
+    samples, none but the last shorter than half of that: a window of n samples yields at least
+    n / 640 - 1/2 tokens (frames of 160 samples, halved twice, each time rounding down by at most 1/2)."""
+    per_token, half = 4 * config.hop_length, config.n_samples // 2
+    return max(int(num_samples / per_token - (num_samples // half + 2)), 0)
 
 
 def _digest(samples: np.ndarray, windows: Sequence[Window]) -> str:

@@ -50,8 +50,11 @@ def collect_files(inputs: Sequence[str], include: str | None = None) -> list[tup
     for item in inputs:
         path = pathlib.Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob(include or "*")
-                           if p.is_file() and _wanted(p.relative_to(path), include))
+            try:
+                found = sorted(p for p in path.rglob(include or "*")
+                               if p.is_file() and _wanted(p.relative_to(path), include))
+            except (NotImplementedError, ValueError) as exc:  # e.g. an absolute pattern
+                raise InputError(f"--include {include}: not a pattern inside a folder ({exc})") from None
             if not found:
                 raise InputError(f"{path}: no {'files matching ' + repr(include) if include else 'audio files'} "
                                  f"in this directory or below")

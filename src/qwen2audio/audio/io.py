@@ -281,12 +281,15 @@ def _decoder_messages_logged(name: str, active: bool) -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
-            for line in caught.read().decode(errors="replace").splitlines():
-                if line.strip():
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if line.startswith(_DECODER_MESSAGES):
                     logger.info("%s: decoder: %s", name, line.strip())
+                elif line.strip():  # another thread's, written meanwhile: where it was going
+                    os.write(2, line.encode())
 
 
 _STDERR_LOCK = threading.Lock()
+_DECODER_MESSAGES = ("Warning: ", "Note: ", "[src/libmpg123/")  # how mpg123 starts its lines
 
 
 def _av_reason(error: Exception) -> str:
