@@ -10,6 +10,7 @@ import contextlib
 import json
 import pathlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
@@ -147,8 +148,6 @@ HISTORY = pathlib.Path("~/.qwen2audio_history")
 def _line_reader(stdin: IO[str], stderr: IO[str]) -> Iterator[Any]:
     """A function returning the next line (None at the end of input). At a terminal: input() with
     readline's editing and the history file, read at the start and written at the end."""
-    import sys
-
     readline = _readline() if stdin is sys.stdin and stdin.isatty() and sys.stdout.isatty() else None
     if readline is None:  # piped, or no readline (Windows): plain lines, the prompt on stderr
         def next_line() -> str | None:

@@ -150,17 +150,26 @@ def score(task: Task, references: Sequence[str], hypotheses: Sequence[str]) -> f
 def read_items(path: str | pathlib.Path) -> list[dict[str, Any]]:
     """Items with an id, audio (path or bytes), reference (text or label) and optional fields."""
     path = pathlib.Path(path)
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
+    kind = data_kind(path)
+    if kind == "manifest":
         return list(_manifest(path))
-    if path.is_file() and path.suffix in (".parquet", ".arrow"):
-        return list(_table([path]))
+    if kind == "librispeech":
+        return list(_librispeech(path))
+    if kind == "table":
+        return list(_table([path] if path.is_file() else sorted([*path.rglob("*.parquet"), *path.rglob("*.arrow")])))
+    raise InputError(f"{path}: not a JSONL manifest, a LibriSpeech directory or parquet/arrow data")
+
+
+def data_kind(path: pathlib.Path) -> str | None:
+    """Which reader takes ``path``: "manifest", "librispeech", "table", or None."""
+    if path.is_file():
+        return {".jsonl": "manifest", ".json": "manifest", ".parquet": "table", ".arrow": "table"}.get(path.suffix)
     if path.is_dir():
         if any(path.rglob("*.trans.txt")):
-            return list(_librispeech(path))
-        tables = sorted([*path.rglob("*.parquet"), *path.rglob("*.arrow")])
-        if tables:
-            return list(_table(tables))
-    raise InputError(f"{path}: not a JSONL manifest, a LibriSpeech directory or parquet/arrow data")
+            return "librispeech"
+        if any(path.rglob("*.parquet")) or any(path.rglob("*.arrow")):
+            return "table"
+    return None
 
 
 def _manifest(path: pathlib.Path) -> Iterator[dict[str, Any]]:
@@ -235,7 +244,7 @@ def check_requirements(task_name: str, data: str | pathlib.Path) -> Task:
     if not path.exists():
         raise InputError(f"--data {data}: no such file or directory")
     needed = dict(METRIC_MODULES.get(task.metric, {}))
-    if path.suffix in (".parquet", ".arrow") or (path.is_dir() and not any(path.rglob("*.trans.txt"))):
+    if data_kind(path) == "table":
         needed.update(TABLE_MODULES)
     missing = sorted(pip for module, pip in needed.items() if importlib.util.find_spec(module) is None)
     if missing:

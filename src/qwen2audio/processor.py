@@ -19,7 +19,7 @@ import torch
 
 from qwen2audio.audio.features import FeatureConfig, FeatureExtractor
 from qwen2audio.audio.io import DEFAULT_MAX_DURATION_S, UrlPolicy, load_audio
-from qwen2audio.audio.segment import SEGMENTATIONS, Segmentation, Window, plan_windows
+from qwen2audio.audio.segment import Segmentation, Window, check_segmentation, plan_windows
 from qwen2audio.config import ModelConfig
 from qwen2audio.engine.request import AudioSpan, Prompt
 from qwen2audio.errors import ContextLengthError, InputError, PromptError
@@ -74,8 +74,7 @@ class Processor:
         max_audio_seconds: float = DEFAULT_MAX_DURATION_S,
         segmentation: Segmentation = "vad",
     ) -> None:
-        if segmentation not in SEGMENTATIONS:
-            raise InputError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {segmentation!r}")
+        check_segmentation(segmentation)
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.feature_extractor = feature_extractor or FeatureExtractor()
@@ -153,7 +152,7 @@ class Processor:
             )
         self._check_length(text)
         samples = [self._load(source, where) for source, where in sources]
-        self._check_audio_fits(text, samples)
+        self._check_audio_fits(samples)
         windows = [self.plan(s) for s in samples]
         counts = [self.feature_extractor.token_count(s, w) for s, w in zip(samples, windows, strict=True)]
         ids, placements = expand_audio_tokens(
@@ -177,13 +176,12 @@ class Processor:
             return
         at_least = -(-len(text) // self.tokenizer.max_token_bytes)
         if at_least > self.max_context:
-            raise ContextLengthError(f"the prompt is {len(text)} characters, at least {at_least} tokens: more than the "
-                              f"model's context of {self.max_context}")
+            raise ContextLengthError(f"the prompt is {len(text)} characters, at least {at_least} tokens: more than "
+                                     f"the model's context of {self.max_context}")
 
-    def _check_audio_fits(self, text: str, samples: Sequence[np.ndarray]) -> None:
+    def _check_audio_fits(self, samples: Sequence[np.ndarray]) -> None:
         """Refuse audio that cannot fit the context before planning its windows (a VAD pass over
-        minutes of audio). However a clip is cut, a window of n samples yields at least n / 640 - 1
-        tokens, and no window but the last is shorter than half the longest."""
+        minutes of audio), from the floor :func:`audio_tokens_at_least` puts on its tokens."""
         if self.max_context is None or not samples:
             return
         config = self.feature_extractor.config

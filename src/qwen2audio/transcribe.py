@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.audio.io import load_audio
-from qwen2audio.audio.segment import SEGMENTATIONS, Segmentation, no_speech_probability, plan_windows
+from qwen2audio.audio.segment import Segmentation, check_segmentation, no_speech_probability, plan_windows
 from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.engine.async_engine import AsyncEngine
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
@@ -163,8 +163,7 @@ class Transcriber:
             raise InputError(f"task must be transcribe or translate, not {task!r}")
         if language is not None and language not in LANGUAGES:
             raise InputError(f"language {language!r} is not one this model knows: {', '.join(sorted(LANGUAGES))}")
-        if segmentation not in SEGMENTATIONS:
-            raise InputError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {segmentation!r}")
+        check_segmentation(segmentation)
         self.model = model
         self.language = language
         self.task = task

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from qwen2audio.config import SAMPLE_RATE
+from qwen2audio.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ Segmentation = Literal["vad", "fixed"]
 SEGMENTATIONS: tuple[str, ...] = get_args(Segmentation)
 WINDOW_S = 30.0  # the encoder's window (FeatureConfig.chunk_length)
 MIN_WINDOW_S = 0.02  # a window must yield one audio token (more than 20 ms)
-QUIET_FRAME_S = 0.02  # the frame over which "quietest moment" is measured
+QUIET_FRAME = int(0.02 * SAMPLE_RATE)  # the frame over which "quietest moment" is measured
 _VAD_LOCK = threading.Lock()
 
 
@@ -51,8 +52,7 @@ def plan_windows(samples: np.ndarray, segmentation: Segmentation = "vad", window
                  skip_silence: bool = True) -> list[Window]:
     """The windows a long clip is cut into (16 kHz mono samples), in order. With ``skip_silence``
     (transcription) windows cover speech only; without it (chat) they tile the whole clip."""
-    if segmentation not in SEGMENTATIONS:
-        raise ValueError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {segmentation!r}")
+    check_segmentation(segmentation)
     size = int(window_s * SAMPLE_RATE)
     if segmentation == "fixed":
         windows = [Window(start, min(start + size, len(samples))) for start in range(0, len(samples), size)]
@@ -62,6 +62,12 @@ def plan_windows(samples: np.ndarray, segmentation: Segmentation = "vad", window
         windows = [piece for start, end in _merge(speech_spans(samples), size)
                    for piece in _split(samples, start, end, size)]
     return [w for w in windows if w.end - w.start > MIN_WINDOW_S * SAMPLE_RATE]
+
+
+def check_segmentation(segmentation: str) -> None:
+    """InputError (a ValueError) unless ``segmentation`` is one of SEGMENTATIONS."""
+    if segmentation not in SEGMENTATIONS:
+        raise InputError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {segmentation!r}")
 
 
 def speech_spans(samples: np.ndarray) -> list[tuple[int, int]]:
@@ -119,10 +125,9 @@ def _tile(samples: np.ndarray, spans: Sequence[tuple[int, int]], size: int) -> l
     20 ms of the longest pause in speech there (of the whole half where there is no speech, as in
     music, or no pause)."""
     windows, start = [], 0
-    frame = int(QUIET_FRAME_S * SAMPLE_RATE)
     while len(samples) - start > size:
         low, high = start + size // 2, start + size
-        pauses = [gap for gap in _pauses(spans, low, high) if gap[1] - gap[0] >= frame]
+        pauses = [gap for gap in _pauses(spans, low, high) if gap[1] - gap[0] >= QUIET_FRAME]
         cut = _quietest(samples, *max(pauses, key=lambda gap: gap[1] - gap[0], default=(low, high)))
         windows.append(Window(start, cut))
         start = cut
@@ -147,7 +152,7 @@ def _pauses(spans: Sequence[tuple[int, int]], low: int, high: int) -> list[tuple
 
 
 def _quietest(samples: np.ndarray, low: int, high: int) -> int:
-    frame = int(QUIET_FRAME_S * SAMPLE_RATE)
+    frame = QUIET_FRAME
     region = samples[low:high]
     frames = region[: len(region) // frame * frame].reshape(-1, frame).astype(np.float64)
     energy = (frames**2).mean(axis=1)
