@@ -24,6 +24,7 @@ from qwen2audio.hub import checkpoint_identity, resolve_checkpoint
 from qwen2audio.model.attention import AttentionMetadata, kv_cache_dtype
 from qwen2audio.model.backend import choose_backend, prepare_network
 from qwen2audio.model.inputs import Chunk, flatten
+from qwen2audio.model import quant
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 from qwen2audio.model.weights import load_weights
 from qwen2audio.processor import Batch, Processor, as_batch
@@ -49,17 +50,34 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 on CUDA (the family overflows in fp16) and float32 on CPU."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA (the family overflows in fp16) and float32 on CPU, except that
+    quantized weights compute in bfloat16 on a CPU with native bfloat16 instructions (AVX512-BF16
+    or AMX): their kernels read bfloat16 scales, and a decode step there is bound by bytes."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise InputError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16")
         return dtype
     if dtype == "auto":
+        if device.type == "cpu" and quantized and _native_bf16():
+            return torch.bfloat16
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
         raise InputError(f"dtype {dtype!r} is not supported: use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
+
+
+def _native_bf16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_quantization(requested: str | quant.QuantConfig | None, group_size: int | None,
+                         config: ModelConfig) -> quant.QuantConfig | None:
+    """The weight scheme to load with (None: float), from the request and the checkpoint's own."""
+    try:
+        return quant.choose(quant.parse(requested, group_size), quant.saved_config(config.quantization))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 @dataclass
@@ -192,6 +210,8 @@ class Qwen2Audio:
         dtype: str | torch.dtype = "auto",
         progress: bool = True,
         engine_options: EngineOptions | None = None,
+        quantization: str | quant.QuantConfig | None = None,
+        quantization_group_size: int | None = None,
         **processor_options: Any,
     ) -> Qwen2Audio:
         """Load from a local directory or a Hugging Face hub id (downloaded with huggingface_hub).
@@ -199,18 +219,28 @@ class Qwen2Audio:
         The network is built on the meta device, allocated once on ``device`` in ``dtype`` and
         filled tensor by tensor, so host memory peaks near one copy of the weights. Its op backend
         (``engine_options.kernels``, ``cpu_onednn``) is chosen here, once, and bound to its layers.
+
+        ``quantization`` ("int8", or "int4" with ``quantization_group_size`` 32/64/128, default 128)
+        stores the decoder's linear layers as integer codes, quantized tensor by tensor while
+        loading, so the float model never exists in memory; a checkpoint written by
+        ``qwen2audio quantize`` loads as it was saved (docs/quantization.md).
         """
         target = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, target)
         options = engine_options or EngineOptions()
         directory = resolve_checkpoint(name_or_path, allow_patterns=WEIGHT_PATTERNS)
         config = ModelConfig.from_dir(directory)
+        scheme = resolve_quantization(quantization, quantization_group_size, config)
+        torch_dtype = resolve_dtype(dtype, target, quantized=scheme is not None)
         started = time.perf_counter()
         backend = choose_backend(config.text, target, torch_dtype, options.kernels, options.cpu_onednn,
                                  kv_cache_dtype(options.kv_cache_dtype, torch_dtype))
         with torch.device("meta"):
             network = Qwen2AudioForConditionalGeneration(config, backend)
-        network = network.to(dtype=torch_dtype).to_empty(device=target)
+        network = network.to(dtype=torch_dtype)
+        if scheme is not None:
+            swapped = quant.quantize_layers(network, scheme, torch_dtype)
+            logger.info("%d decoder layers stored as %s", swapped, scheme.describe())
+        network = network.to_empty(device=target)
         network.eval().requires_grad_(False)
         load_weights(network, directory, progress=progress)
         prepare_network(network)

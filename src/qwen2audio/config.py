@@ -66,6 +66,7 @@ class ModelConfig:
     audio: AudioEncoderConfig
     text: TextConfig
     audio_token_id: int = 151646
+    quantization: Mapping[str, Any] | None = None  # config.json's quantization_config, as written
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -82,7 +83,8 @@ class ModelConfig:
         tie = bool(text_data.get("tie_word_embeddings", data.get("tie_word_embeddings", False)))
         text = _text_config(text_data, tie)
         audio_token_id = int(data.get("audio_token_index", data.get("audio_token_id", 151646)))
-        return cls(audio=audio, text=text, audio_token_id=audio_token_id)
+        return cls(audio=audio, text=text, audio_token_id=audio_token_id,
+                   quantization=data.get("quantization_config"))
 
     @classmethod
     def from_dir(cls, directory: str | pathlib.Path) -> ModelConfig:

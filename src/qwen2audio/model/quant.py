@@ -1,18 +1,24 @@
-"""Weight-only int8 and int4 linear layers for the decoder (issue 18, a first step).
+"""Weight-only int8 and int4 linear layers for the decoder.
 
 Owns the quantization formulas, the packed storage torch's CPU kernels take, and the choice between
 the integer kernels (decode-sized row counts, where a step streams every weight once and speed
-follows bytes) and a bf16 GEMM on the dequantized weight (long prefill chunks, which are
-compute-bound: bench/lowbit_kernels.py measured the integer kernels 2-5x slower there). Rows are
-quantized independently, so a fused weight (qkv, gate_up) can be filled piece by piece as a loader
-reads its parts.
+follows bytes) and a GEMM on the dequantized weight (long prefill chunks, which are compute-bound:
+bench/lowbit_kernels.py measured the integer kernels 2-5x slower there).
 
-int8: symmetric, one scale per output channel, w = q * scale.
-int4: asymmetric, groups of ``group_size`` along the input, w = (q - 8) * scale + zero with q in
-0..15 (torch's kernel's form; zero = the group's minimum + 8 * scale).
-The kernels read scales and zeros in bfloat16, so both are rounded to bfloat16 before the codes are
-chosen: the codes then fit the values the kernel multiplies by. (Rounding a zero afterwards moves a
-whole group by up to 2^-9 of it, which with outlier channels cost 1-4% of a layer's output.)
+Formulas (the saved layout, docs/quantization.md, stores exactly these numbers):
+- every layer first divides its input channel j by ``input_scale[j]`` inside the weight and
+  multiplies the activation by it at run time, ``W x = (W / s) (s * x)``, with
+  ``s_j = sqrt(max_i |W_ij|)`` (normalised to geometric mean 1). Trained weights have a few input
+  channels far larger than the rest; without this, one such channel sets the step of every row it
+  crosses. Activations stay in floating point, so the product is exact before rounding.
+- int8: symmetric, one scale per output channel: ``W' = q * scale``, q in -127..127.
+- int4: asymmetric groups of ``group_size`` inputs: ``W' = (q - 8) * scale + zero``, q in 0..15.
+Scales, zeros and input scales are rounded to bfloat16 before the codes are chosen: the kernels
+read them in bfloat16, so the codes fit the values they are multiplied by.
+
+A fused weight (qkv, gate_up) arrives in parts; rows are staged in float32 until the whole weight
+is there and then quantized at once (the input scale needs every row), so at most a layer's worth
+of float weights exists at any time while loading.
 """
 
 from __future__ import annotations
@@ -27,11 +33,15 @@ from torch import nn
 Scheme = Literal["int8", "int4"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 GROUP_SIZES = (32, 64, 128)
-DECODE_ROWS = 16  # at most this many rows take the integer kernels; more dequantize for a bf16 GEMM
+DECODE_ROWS = 16  # at most this many rows take the integer kernels; more dequantize for a GEMM
+EQUALIZE_POWER = 0.5
+_BLOCK_N = 64  # torch's CPU int4 kernel packs rows in blocks of 64
 
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """Which weight-only scheme, and for int4 the group size along the input."""
+
     scheme: Scheme
     group_size: int = 128  # int4 only
 
@@ -39,11 +49,15 @@ class QuantConfig:
         if self.scheme not in SCHEMES:
             raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
         if self.scheme == "int4" and self.group_size not in GROUP_SIZES:
-            raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, not {self.group_size}")
+            raise ValueError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                             f"not {self.group_size}")
+
+    def describe(self) -> str:
+        return f"int4 (groups of {self.group_size})" if self.scheme == "int4" else "int8 (per channel)"
 
 
 class QuantizedLinear(nn.Module):
-    """``F.linear(x, W, b)`` with W held as int8 or int4 codes; ``bias`` and outputs in ``dtype``."""
+    """``F.linear(x, W, b)`` with W held as int8 or int4 codes; outputs in ``dtype`` (the model's)."""
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -51,16 +65,21 @@ class QuantizedLinear(nn.Module):
         if config.scheme == "int4" and in_features % config.group_size:
             raise ValueError(f"int4 groups of {config.group_size} do not divide a layer of {in_features} inputs")
         self.in_features, self.out_features, self.config, self.dtype = in_features, out_features, config, dtype
+        store = dict(device=device)
         if config.scheme == "int8":
-            self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, **store))
+            self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16, **store))
         else:
             groups = in_features // config.group_size
-            self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
-            self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
-            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+            # Two codes a byte, row-major: byte j of a row holds inputs 2j (low nibble) and 2j + 1.
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **store))
+            self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16, **store))
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16, **store))
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.bfloat16, **store))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._staging: torch.Tensor | None = None
+        self._staged = 0
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, dtype: torch.dtype = torch.bfloat16
@@ -74,61 +93,171 @@ class QuantizedLinear(nn.Module):
 
     @torch.no_grad()
     def load_rows(self, start: int, weight: torch.Tensor) -> None:
-        """Quantize rows ``start : start + len(weight)`` of the float weight into place."""
-        rows = slice(start, start + weight.shape[0])
-        weight = weight.to(self.codes.device, torch.float32)
+        """Rows ``start : start + len(weight)`` of the float weight; quantized once all have arrived."""
+        if start == 0 and weight.shape[0] == self.out_features:
+            self._quantize(weight.to(self.qweight.device, torch.float32))
+            return
+        if self._staging is None:
+            self._staging = torch.empty(self.out_features, self.in_features, device=self.qweight.device)
+            self._staged = 0
+        self._staging[start:start + weight.shape[0]] = weight
+        self._staged += weight.shape[0]
+        if self._staged == self.out_features:
+            staging, self._staging = self._staging, None
+            self._quantize(staging)
+
+    def _quantize(self, weight: torch.Tensor) -> None:
+        scale = weight.abs().amax(dim=0).clamp(min=1e-12) ** EQUALIZE_POWER
+        self.input_scale.copy_(scale / scale.log().mean().exp())
+        weight = weight / self.input_scale.float()
         if self.config.scheme == "int8":
             scales = _bf16_exact(weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0)
-            self.codes[rows] = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-            self.scales[rows] = scales
+            self.qweight.copy_(torch.round(weight / scales[:, None]).clamp(-127, 127))
+            self.scales.copy_(scales)
         else:
-            groups = weight.reshape(weight.shape[0], -1, self.config.group_size)
+            groups = weight.reshape(self.out_features, -1, self.config.group_size)
             low, high = groups.amin(dim=2), groups.amax(dim=2)
             scales = _bf16_exact((high - low).clamp(min=1e-12) / 15.0)
             zeros = _bf16_exact(low + 8 * scales)
-            codes = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)
-            self.codes[rows] = codes.reshape(weight.shape).to(torch.uint8)
-            self.scales[rows], self.zeros[rows] = scales, zeros
-        self._packed = None
+            codes = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.uint8)
+            self.qweight.copy_(pack_int4(codes.reshape(self.out_features, -1)))
+            self.scales.copy_(scales)
+            self.zeros.copy_(zeros)
+        self._kernel = None
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes [out, in] (int8 as stored; int4 unpacked, 0..15)."""
+        return self.qweight if self.config.scheme == "int8" else unpack_int4(self.qweight)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight the codes stand for, [out, in]."""
+        """The float weight the codes stand for, [out, in], input scale divided back out."""
+        return (self._scaled_weight() / self.input_scale.float()).to(dtype or self.dtype)
+
+    def _scaled_weight(self) -> torch.Tensor:
+        """W / s in float32: what the codes encode directly."""
         if self.config.scheme == "int8":
-            weight = self.codes.float() * self.scales[:, None]
-        else:
-            groups = self.codes.float().reshape(self.out_features, -1, self.config.group_size) - 8
-            weight = (groups * self.scales[..., None] + self.zeros[..., None]).reshape(self.out_features, -1)
-        return weight.to(dtype or self.dtype)
+            return self.qweight.float() * self.scales.float()[:, None]
+        groups = self.codes().float().reshape(self.out_features, -1, self.config.group_size) - 8
+        weight = groups * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return weight.reshape(self.out_features, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or rows > DECODE_ROWS:
-            return F.linear(x.to(self.dtype), self.dequantized(), self.bias)
-        flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
-        codes, scales = self._kernel_operands()
+        x = x.to(self.dtype) * self.input_scale.to(self.dtype)
+        if x.device.type != "cpu" or rows > DECODE_ROWS or not self._kernel_fits():
+            return F.linear(x, self._scaled_weight().to(self.dtype), self.bias)
+        flat = x.reshape(rows, self.in_features)
+        packed, scales = self._kernel_operands()
         if self.config.scheme == "int8":
-            out = torch.ops.aten._weight_int8pack_mm(flat, codes, scales)
+            out = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, codes, self.config.group_size, scales)
-        out = out.to(self.dtype).reshape(*x.shape[:-1], self.out_features)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.config.group_size, scales)
+        out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
+
+    def _kernel_fits(self) -> bool:
+        return self.dtype in (torch.float32, torch.bfloat16) and (
+            self.config.scheme == "int8" or self.out_features % _BLOCK_N == 0)
 
     def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes and scales in the layout torch's CPU kernels take, made once after loading."""
-        if self._packed is None:
+        if self._kernel is None:
             if self.config.scheme == "int8":
-                self._packed = self.codes, self.scales.to(torch.bfloat16)
+                self._kernel = self.qweight, self.scales.to(self.dtype)
             else:
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
                 scales_and_zeros = torch.stack([self.scales, self.zeros], dim=2).transpose(0, 1).contiguous()
-                self._packed = packed, scales_and_zeros.to(torch.bfloat16)
-        return self._packed
+                self._kernel = cpu_int4_layout(self.qweight), scales_and_zeros.to(self.dtype)
+        return self._kernel
 
     def extra_repr(self) -> str:
-        group = f", group {self.config.group_size}" if self.config.scheme == "int4" else ""
-        return f"{self.in_features} -> {self.out_features}, {self.config.scheme}{group}"
+        return f"{self.in_features} -> {self.out_features}, {self.config.describe()}"
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [out, in] in 0..15 -> [out, in / 2], input 2j in the low nibble of byte j."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``."""
+    return torch.stack([packed & 15, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Row-major nibbles -> the layout of ``_convert_weight_to_int4pack_for_cpu``: blocks of 64 rows,
+    and within a block, for each input, 32 bytes holding row r (low nibble) and row r + 32 (high)."""
+    codes = unpack_int4(packed)
+    rows, cols = codes.shape
+    blocks = codes.reshape(rows // _BLOCK_N, 2, _BLOCK_N // 2, cols).permute(0, 3, 2, 1)
+    return (blocks[..., 0] | (blocks[..., 1] << 4)).reshape(rows, cols // 2).contiguous()
 
 
 def _bf16_exact(values: torch.Tensor) -> torch.Tensor:
     """Float32 values rounded to the nearest bfloat16 (what the kernels will read)."""
     return values.to(torch.bfloat16).float()
+
+
+HEAD = QuantConfig("int8")  # the output layer's scheme whatever the decoder's: see docs/quantization.md
+FORMAT = "qwen2audio"
+
+
+def quantize_layers(network: nn.Module, config: QuantConfig, dtype: torch.dtype) -> int:
+    """Swap the decoder's linear layers and its untied output layer for quantized ones (on the
+    device the network is built on, normally meta, before any weight is read). Returns the count."""
+    decoder = network.language_model
+    swapped = 0
+    for layer in decoder.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, _like(child, config, dtype))
+                    swapped += 1
+    if decoder.lm_head is not None:
+        decoder.lm_head = _like(decoder.lm_head, HEAD, dtype)
+        swapped += 1
+    return swapped
+
+
+def _like(linear: nn.Linear, config: QuantConfig, dtype: torch.dtype) -> QuantizedLinear:
+    return QuantizedLinear(linear.in_features, linear.out_features, config, linear.bias is not None, dtype,
+                           linear.weight.device)
+
+
+def saved_config(spec: object) -> QuantConfig | None:
+    """The scheme config.json's ``quantization_config`` says the weights are stored in (None: float)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("quant_method") != FORMAT:
+        method = spec.get("quant_method") if isinstance(spec, dict) else spec
+        raise ValueError(f"config.json's quantization_config (quant_method {method!r}) is not a format this "
+                         f"package reads: load the original float checkpoint instead")
+    return QuantConfig(spec.get("scheme"), int(spec.get("group_size", 128)))
+
+
+def config_entry(config: QuantConfig) -> dict:
+    """What ``qwen2audio quantize`` writes into config.json as ``quantization_config``."""
+    entry = {"quant_method": FORMAT, "format_version": 1, "scheme": config.scheme,
+             "output_layer": HEAD.scheme, "input_scales": True}
+    if config.scheme == "int4":
+        entry["group_size"] = config.group_size
+    return entry
+
+
+def choose(requested: QuantConfig | None, saved: QuantConfig | None) -> QuantConfig | None:
+    """The scheme to load with: a quantized checkpoint loads as saved; asking for another is refused
+    (re-quantizing rounded weights would compound both roundings)."""
+    if saved is None or requested is None or requested == saved:
+        return saved or requested
+    raise ValueError(f"this checkpoint is already quantized as {saved.describe()} and cannot be re-quantized as "
+                     f"{requested.describe()}: load it without a quantization, or quantize the original weights")
+
+
+def parse(value: str | QuantConfig | None, group_size: int | None = None) -> QuantConfig | None:
+    """``"int8"`` / ``"int4"`` (and a group size) -> QuantConfig; None stays None."""
+    if value is None or isinstance(value, QuantConfig):
+        if group_size is not None and value is None:
+            raise ValueError("a group size needs quantization int4")
+        return value
+    if value == "int8" and group_size is not None:
+        raise ValueError("a group size applies to int4 only (int8 has one scale per output channel)")
+    return QuantConfig(value, group_size or 128)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qwen2audio.errors import CheckpointError
+from qwen2audio.model.quant import QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
     for path in checkpoint_files(directory):
         for name, entry in read_header(path).items():
             entries[canonical_name(name)] = entry
-    params = dict(model.named_parameters())
+    params = _targets(model, entries)
     plan = _plan(params, entries, tied=getattr(model.config, "tie_word_embeddings", False))
     total = sum(entry.nbytes for _, _, entry in plan)
     scratch = _Scratch()
@@ -169,6 +170,45 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
             bar.update(entry.nbytes)
 
 
+def _targets(model: nn.Module, entries: dict[str, TensorEntry]) -> dict[str, object]:
+    """Every tensor the checkpoint must fill, by name: the parameters, and for each quantized layer
+    either its stored codes (a quantized checkpoint) or its float weight, quantized as it is read."""
+    targets: dict[str, object] = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            if f"{name}.qweight" in entries:
+                targets.update({f"{name}.{key}": buffer for key, buffer in module.named_buffers(recurse=False)})
+            else:
+                targets[f"{name}.weight"] = _Quantizing(module)
+    return targets
+
+
+class _Quantizing:
+    """Stands in for a quantized layer's float weight (or rows of it) in the plan: what is read is
+    handed to the layer, which quantizes it once every row has arrived."""
+
+    dtype = torch.float32
+
+    def __init__(self, layer: QuantizedLinear, start: int = 0, rows: int | None = None) -> None:
+        self.layer, self.start = layer, start
+        self.shape = torch.Size((layer.out_features if rows is None else rows, layer.in_features))
+        self.device = layer.qweight.device
+
+    @property
+    def data(self) -> _Quantizing:
+        return self
+
+    def __getitem__(self, rows: slice) -> _Quantizing:
+        start, stop, _ = rows.indices(self.shape[0])
+        return _Quantizing(self.layer, self.start + start, stop - start)
+
+    def is_contiguous(self) -> bool:
+        return False
+
+    def copy_(self, values: torch.Tensor) -> None:
+        self.layer.load_rows(self.start, values)
+
+
 def parameter_views(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """For checkpoint tensor names (any accepted layout) and shapes, the slices of ``model``'s
     parameters they would fill (a q_proj is rows of the fused qkv_proj): another implementation can
@@ -181,7 +221,7 @@ def parameter_views(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dic
 
 
 def _plan(
-    params: dict[str, nn.Parameter], entries: dict[str, TensorEntry], tied: bool
+    params: dict[str, nn.Parameter | _Quantizing], entries: dict[str, TensorEntry], tied: bool
 ) -> list[tuple[str, torch.Tensor, TensorEntry]]:
     """Match checkpoint tensors to parameter slices; report every problem at once."""
     groups: dict[str, list[tuple[int, int, str, TensorEntry]]] = {}
