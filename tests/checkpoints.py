@@ -97,6 +97,38 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             param.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
 
 
+def _trained_looking(model: torch.nn.Module, seed: int) -> None:
+    """Weights shaped like a trained model's, for quantization tests: decoder rows Student-t (5
+    degrees of freedom, heavy tails) with 1% of input channels four times larger (the outlier
+    channels trained transformers have), each block adding about a quarter of the residual stream's
+    size (random unit-gain blocks would make every output chaotic in its input; trained ones refine a
+    stream dominated by the token embedding), audio projected to the embeddings' scale."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # StudentT samples from the global generator
+    student = torch.distributions.StudentT(5.0)
+    hidden = model.config.text_config.hidden_size
+    outliers = torch.randperm(hidden, generator=generator)[: max(1, hidden // 100)]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            decoder = "language_model" in name
+            if decoder and param.dim() == 2 and "embed_tokens" not in name:
+                weight = student.sample(param.shape)
+                weight *= (0.25 if "lm_head" not in name else 1.0) / weight.std() / param.shape[1] ** 0.5
+                columns = outliers if param.shape[1] == hidden else \
+                    torch.randperm(param.shape[1], generator=generator)[: max(1, param.shape[1] // 100)]
+                if "lm_head" not in name:
+                    weight[:, columns] *= 4
+                param.copy_(weight)
+            elif "embed_tokens" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+            elif name.endswith("norm.weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif "multi_modal_projector" in name and param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * (0.02 if decoder else 0.1))
+
+
 def build_checkpoint(
     directory: pathlib.Path,
     *,
@@ -111,6 +143,7 @@ def build_checkpoint(
     text_dims: dict | None = None,
     audio_dims: dict | None = None,
     randomize: bool = True,
+    trained_looking: bool = False,
 ) -> pathlib.Path:
     """Save a tiny model + processor files in the real layout. GQA when kv_heads < 4.
 
@@ -143,7 +176,9 @@ def build_checkpoint(
     )
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
-    if randomize:
+    if trained_looking:
+        _trained_looking(model, seed)
+    elif randomize:
         _randomize(model, seed)
     if tie:
         # transformers 5.15 keeps a separate lm_head even when the config ties it; making the two

@@ -1,19 +1,38 @@
-"""Weight-only int8/int4 linear layers: each against a reference dequantized by hand from its own
-codes with the documented formulas, on both paths (integer kernels for decode rows, a bf16 GEMM for
-prefill chunks); rounding error within half a step; rows filled in pieces as a loader would."""
+"""Weight-only int8/int4: each layer against a reference dequantized by hand from its own codes with
+the documented formulas (both paths: integer kernels for decode rows, a GEMM for prefill chunks),
+torch's own int4 packing as the reference for ours, and a whole model with trained-looking weights
+against the unquantized one (logits and greedy tokens)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from qwen2audio.model.quant import DECODE_ROWS, QuantConfig, QuantizedLinear
+from qwen2audio import Qwen2Audio
+from qwen2audio.errors import InputError
+from qwen2audio.model import quant
+from qwen2audio.model.quant import (
+    DECODE_ROWS,
+    QuantConfig,
+    QuantizedLinear,
+    cpu_int4_layout,
+    pack_int4,
+    unpack_int4,
+)
+
+from checkpoints import build_checkpoint
+
+CONFIGS = [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64), QuantConfig("int4", 128)]
 
 
 def trained_looking(out_features: int, in_features: int, seed: int = 0) -> nn.Linear:
     """Heavy-tailed rows with a few outlier input channels, as trained weights have."""
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     weight = torch.distributions.StudentT(3.0).sample((out_features, in_features)) * 0.02
     weight[:, torch.randperm(in_features, generator=generator)[:4]] *= 8
     linear = nn.Linear(in_features, out_features, bias=True)
@@ -21,49 +40,177 @@ def trained_looking(out_features: int, in_features: int, seed: int = 0) -> nn.Li
     return linear
 
 
-def by_hand(layer: QuantizedLinear) -> torch.Tensor:
+def by_hand(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W / s, its quantization step per element), float64, from the stored bytes alone."""
+    out, inputs = layer.out_features, layer.in_features
     if layer.config.scheme == "int8":
-        return layer.codes.double() * layer.scales.double()[:, None]
+        scales = layer.scales.double()[:, None]
+        return layer.qweight.double() * scales, scales.expand(out, inputs)
     g = layer.config.group_size
-    codes = layer.codes.double().reshape(layer.out_features, -1, g) - 8
-    return (codes * layer.scales.double()[..., None] + layer.zeros.double()[..., None]).reshape(layer.out_features, -1)
+    packed = layer.qweight
+    codes = torch.empty(out, inputs, dtype=torch.float64)
+    codes[:, 0::2], codes[:, 1::2] = (packed & 15).double(), (packed >> 4).double()
+    scales = layer.scales.double().repeat_interleave(g, 1)
+    return (codes - 8) * scales + layer.zeros.double().repeat_interleave(g, 1), scales
 
 
-@pytest.mark.parametrize("config", [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64),
-                                    QuantConfig("int4", 128)])
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("rows", [1, 5, DECODE_ROWS + 1, 64])
-def test_each_layer_against_its_hand_dequantized_weight(config, rows):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_layer_against_its_hand_dequantized_weight(config, rows, dtype):
     linear = trained_looking(192, 256)
-    layer = QuantizedLinear.from_float(linear, config)
-    reference = by_hand(layer)
-    step = layer.scales.double()
-    half_step = (step[:, None] if config.scheme == "int8" else step.repeat_interleave(config.group_size, 1)) / 2
-    # Half a step, plus the shift of a group's zero rounded to bfloat16 (2^-9 of it) at the clamped ends.
-    shift = 0 if config.scheme == "int8" else layer.zeros.double().abs().repeat_interleave(config.group_size, 1) / 256
-    assert ((linear.weight.double() - reference).abs() <= half_step * 1.001 + shift + 1e-7).all()
+    layer = QuantizedLinear.from_float(linear, config, dtype=dtype)
+    scaled, step = by_hand(layer)
+    s = layer.input_scale.double()
+    # Codes are the nearest of their grid to W / s (the grid's ends clamp, so the bound is a step there).
+    assert ((linear.weight.double() / s - scaled).abs() <= step * 0.5001 + 1e-9).float().mean() > 0.999
+    reference = scaled * s
     x = torch.randn(rows, 256)
-    expected = x.to(torch.bfloat16).double() @ reference.T + linear.bias.double()
+    expected = x.to(dtype).double() @ reference.T + linear.bias.double()
     with torch.inference_mode():
-        got = layer(x).double()
-    assert got.shape == (rows, 192) and layer(x).dtype == torch.bfloat16
-    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-2
+        got = layer(x)
+    assert got.shape == (rows, 192) and got.dtype == dtype
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert ((got.double() - expected).norm() / expected.norm()).item() < tolerance
+
+
+def test_the_input_scale_takes_outlier_channels_out_of_the_rows(monkeypatch):
+    """A few large input channels would set every row's step; folded into the input, the error shrinks."""
+    linear = trained_looking(256, 512, seed=3)
+    x = torch.randn(8, 512)
+    expected = linear(x).detach()
+
+    def error(config: QuantConfig) -> float:
+        layer = QuantizedLinear.from_float(linear, config, dtype=torch.float32)
+        got = nn.functional.linear(x, layer.dequantized(), linear.bias)
+        return ((got - expected).norm() / expected.norm()).item()
+
+    for config, at_most in ((QuantConfig("int8"), 0.015), (QuantConfig("int4", 128), 0.15)):
+        folded = error(config)
+        with monkeypatch.context() as patch:
+            patch.setattr(quant, "EQUALIZE_POWER", 0.0)  # every input scale 1: plain round-to-nearest
+            plain = error(config)
+        assert folded < at_most and folded < 0.8 * plain, (config, folded, plain)
+
+
+def test_our_int4_layout_is_torchs():
+    codes = torch.randint(0, 16, (128, 256), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    assert torch.equal(cpu_int4_layout(pack_int4(codes)), expected.view(torch.uint8).reshape(128, 128))
 
 
 def test_rows_filled_in_pieces_equal_the_whole():
-    """A fused weight (qkv, gate_up) is filled from separate checkpoint tensors, row ranges at a time."""
+    """A fused weight (qkv, gate_up) arrives as separate checkpoint tensors: staged, then quantized."""
     linear = trained_looking(96, 128, seed=1)
     for config in (QuantConfig("int8"), QuantConfig("int4", 32)):
         whole = QuantizedLinear.from_float(linear, config)
         pieces = QuantizedLinear(128, 96, config, bias=True)
-        pieces.load_rows(0, linear.weight[:40])
         pieces.load_rows(40, linear.weight[40:])
-        assert torch.equal(whole.codes, pieces.codes) and torch.equal(whole.scales, pieces.scales)
+        assert pieces._staging is not None
+        pieces.load_rows(0, linear.weight[:40])
+        assert pieces._staging is None
+        for name, buffer in whole.named_buffers():
+            assert torch.equal(buffer, dict(pieces.named_buffers())[name]), name
 
 
 def test_bad_schemes_and_group_sizes_are_refused():
     with pytest.raises(ValueError, match="quantization must be one of int8, int4, not 'int3'"):
         QuantConfig("int3")
-    with pytest.raises(ValueError, match="group size must be one of"):
+    with pytest.raises(ValueError, match="group size must be one of 32, 64, 128, not 100"):
         QuantConfig("int4", 100)
     with pytest.raises(ValueError, match="groups of 128 do not divide a layer of 96 inputs"):
         QuantizedLinear(96, 64, QuantConfig("int4", 128))
+
+
+# --- the whole model --------------------------------------------------------------------------------
+
+TEXT = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+        "num_key_value_heads": 2}
+AUDIO = {"d_model": 128, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 256}
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("trained") / "mid", text_dims=TEXT, audio_dims=AUDIO,
+                            real_vocab=True, trained_looking=True)
+
+
+def conversations() -> list:
+    rng = np.random.default_rng(0)
+    questions = ["Describe this sound.", "What is the speaker saying?", "Is there music here?",
+                 "How many people are talking?", "What language is this?", "Summarise the clip.",
+                 "What emotion do you hear?", "Where was this recorded?"]
+    return [[{"role": "user", "content": [
+        {"type": "audio", "audio": (rng.standard_normal(16000 * (1 + k % 3)) * 0.1).astype(np.float32)},
+        {"type": "text", "text": question}]}] for k, question in enumerate(questions)]
+
+
+def with_continuations(batch, continuations: list[list[int]]):
+    """The batch with each row's generated tokens appended (teacher forcing), left padded again."""
+    rows = [ids + more for ids, more in zip(batch.token_ids, continuations, strict=True)]
+    width = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
+    return dataclasses.replace(batch, input_ids=input_ids, attention_mask=mask, token_ids=rows)
+
+
+@pytest.fixture(scope="module")
+def float_reference(trained_checkpoint):
+    model = Qwen2Audio.from_pretrained(trained_checkpoint, device="cpu", dtype="float32", progress=False)
+    convs = conversations()
+    replies = model.generate(convs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=0.0)
+    batch = with_continuations(model.processor(convs), [reply.token_ids for reply in replies])
+    return batch, model.logits(batch)
+
+
+@pytest.mark.parametrize(("scheme", "group", "max_error", "min_agreement"),
+                         [("int8", None, 0.01, 0.95), ("int4", 128, 0.05, 0.80)])
+def test_quantized_model_against_the_float_one(trained_checkpoint, float_reference, scheme, group, max_error,
+                                               min_agreement):
+    """Logits within ``max_error`` (relative L2 at every position) and the greedy token at each of
+    the 64 generated positions of 8 prompts equal to the float model's on ``min_agreement`` of them,
+    both models reading the float model's greedy continuation (a single early tie would otherwise
+    decide all the rest)."""
+    batch, reference = float_reference
+    model = Qwen2Audio.from_pretrained(trained_checkpoint, device="cpu", dtype="float32", progress=False,
+                                       quantization=scheme, quantization_group_size=group)
+    got = model.logits(batch)
+    mask = batch.attention_mask.bool()
+    errors = (got[mask] - reference[mask]).norm(dim=-1) / reference[mask].norm(dim=-1)
+    generated = torch.zeros_like(mask)
+    generated[:, -NEW_TOKENS - 1:-1] = True  # the positions that predict the 64 generated tokens
+    agreement = (got[generated].argmax(-1) == reference[generated].argmax(-1)).float().mean().item()
+    assert errors.max().item() < max_error and agreement >= min_agreement, (errors.max().item(), agreement)
+
+
+def test_quantized_loading_refuses_bad_requests(trained_checkpoint):
+    with pytest.raises(InputError, match="quantization must be one of int8, int4, not 'int2'"):
+        Qwen2Audio.from_pretrained(trained_checkpoint, quantization="int2", progress=False)
+    with pytest.raises(InputError, match="a group size applies to int4 only"):
+        Qwen2Audio.from_pretrained(trained_checkpoint, quantization="int8", quantization_group_size=64,
+                                   progress=False)
+    with pytest.raises(InputError, match="group size must be one of 32, 64, 128, not 48"):
+        Qwen2Audio.from_pretrained(trained_checkpoint, quantization="int4", quantization_group_size=48,
+                                   progress=False)
+
+
+@pytest.mark.parametrize("config", [QuantConfig("int8"), QuantConfig("int4", 32)])
+def test_prefill_in_row_slices_and_after_repacking(monkeypatch, config):
+    """Large layers dequantize a slice of rows at a time; int4 codes repacked for the CPU kernel
+    (on the first decode step) still dequantize, and save, as before."""
+    linear = trained_looking(320, 128, seed=2)
+    layer = QuantizedLinear.from_float(linear, config, dtype=torch.float32)
+    saved = layer.qweight.clone()
+    x = torch.randn(DECODE_ROWS + 3, 128)
+    with torch.inference_mode():
+        whole = layer(x)
+        monkeypatch.setattr(quant, "_DEQUANT_ELEMENTS", 128 * 64)  # slices of 64 rows
+        layer(x[:1])  # a decode row: int4 repacks in place
+        sliced = layer(x)
+    assert torch.allclose(whole, sliced, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.saved_qweight(), saved)
+    assert layer._cpu_layout == (config.scheme == "int4")

@@ -21,10 +21,10 @@ from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingError, SamplingParams
 from qwen2audio.errors import CheckpointError, InputError
 from qwen2audio.hub import checkpoint_identity, resolve_checkpoint
+from qwen2audio.model import quant
 from qwen2audio.model.attention import AttentionMetadata, kv_cache_dtype
 from qwen2audio.model.backend import choose_backend, prepare_network
 from qwen2audio.model.inputs import Chunk, flatten
-from qwen2audio.model import quant
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 from qwen2audio.model.weights import load_weights
 from qwen2audio.processor import Batch, Processor, as_batch
@@ -71,11 +71,20 @@ def _native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_quantization(requested: str | quant.QuantConfig | None, group_size: int | None,
-                         config: ModelConfig) -> quant.QuantConfig | None:
-    """The weight scheme to load with (None: float), from the request and the checkpoint's own."""
+def parse_quantization(value: str | quant.QuantConfig | None, group_size: int | None = None
+                       ) -> quant.QuantConfig | None:
+    """``"int8"`` or ``"int4"`` (with a group size of 32, 64 or 128) -> its QuantConfig; None: float."""
     try:
-        return quant.choose(quant.parse(requested, group_size), quant.saved_config(config.quantization))
+        return quant.parse(value, group_size)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def resolve_quantization(requested: quant.QuantConfig | None, config: ModelConfig) -> quant.QuantConfig | None:
+    """The weight scheme to load with (None: float), from the request and the checkpoint's own."""
+    saved = quant.saved_config(config.quantization)
+    try:
+        return quant.choose(requested, saved)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -227,9 +236,10 @@ class Qwen2Audio:
         """
         target = resolve_device(device)
         options = engine_options or EngineOptions()
+        requested = parse_quantization(quantization, quantization_group_size)  # before any download
         directory = resolve_checkpoint(name_or_path, allow_patterns=WEIGHT_PATTERNS)
         config = ModelConfig.from_dir(directory)
-        scheme = resolve_quantization(quantization, quantization_group_size, config)
+        scheme = resolve_quantization(requested, config)
         torch_dtype = resolve_dtype(dtype, target, quantized=scheme is not None)
         started = time.perf_counter()
         backend = choose_backend(config.text, target, torch_dtype, options.kernels, options.cpu_onednn,
@@ -238,6 +248,10 @@ class Qwen2Audio:
             network = Qwen2AudioForConditionalGeneration(config, backend)
         network = network.to(dtype=torch_dtype)
         if scheme is not None:
+            try:
+                quant.check_fits(network, scheme)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
             swapped = quant.quantize_layers(network, scheme, torch_dtype)
             logger.info("%d decoder layers stored as %s", swapped, scheme.describe())
         network = network.to_empty(device=target)
@@ -255,7 +269,8 @@ class Qwen2Audio:
                 f"{directory}: tokenizer's <|AUDIO|> id {processor.audio_id} != config's {config.audio_token_id}"
             )
         generation = GenerationConfig.from_dir(directory, processor.tokenizer.eos_id)
-        return cls(network, processor, generation, options, checkpoint_identity(name_or_path, directory))
+        identity = checkpoint_identity(name_or_path, directory, requested.label() if requested else None)
+        return cls(network, processor, generation, options, identity)
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:

@@ -47,6 +47,9 @@ example:
   qwen2audio eval --model ./Qwen2-Audio-7B-Instruct --task airbench-chat --data airbench_chat.parquet""",
     "inspect": """example:
   qwen2audio inspect speech.wav music.mp3 --json""",
+    "quantize": """examples:
+  qwen2audio quantize --model ./Qwen2-Audio-7B-Instruct --quantization int4 --output ./Qwen2-Audio-7B-Instruct-int4
+  qwen2audio run --model ./Qwen2-Audio-7B-Instruct-int4 --audio speech.wav --prompt 'What is said?'""",
 }
 
 
@@ -55,7 +58,16 @@ def _load_model(args: argparse.Namespace) -> Any:
 
     options = EngineOptions(enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     return Qwen2Audio.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet,
-                                      engine_options=options, segmentation=args.segmentation)
+                                      engine_options=options, segmentation=args.segmentation,
+                                      quantization=args.quantization,
+                                      quantization_group_size=args.quantization_group_size)
+
+
+def _quantization_label(args: argparse.Namespace) -> str | None:
+    from qwen2audio.api import parse_quantization
+
+    scheme = parse_quantization(args.quantization, args.quantization_group_size)
+    return scheme.label() if scheme else None
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,13 +210,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize while loading, then write codes, scales and the untouched tensors."""
+    from qwen2audio.quantize import quantize_checkpoint
+
+    target = quantize_checkpoint(args.model, args.output, args.quantization, args.quantization_group_size,
+                                 progress=not args.quiet)
+    print(f"wrote {target}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     """A report benchmark on local data; resumable through OUTPUT.jsonl."""
     from qwen2audio import checkpoint_identity
     from qwen2audio.evaluation import EvalRun
 
     output = args.output or f"eval-{args.task}.json"
-    run = EvalRun.prepare(args.task, args.data, output, checkpoint_identity(args.model), limit=args.limit,
+    identity = checkpoint_identity(args.model, quantization=_quantization_label(args))
+    run = EvalRun.prepare(args.task, args.data, output, identity, limit=args.limit,
                           max_new_tokens=args.max_new_tokens, segmentation=args.segmentation,
                           overwrite=args.overwrite)
     result = run.run(_load_model(args), batch_size=args.batch_size, progress=not args.quiet)
@@ -255,9 +278,21 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="KV cache storage: auto (the model's dtype) or fp8 (half the memory and "
                              "decode reads, slightly less exact)")
+    _quantization(parser)
     _segmentation(parser)
     parser.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _quantization(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    written = "write the decoder's weights as int8 (per channel) or int4 (grouped) codes"
+    loaded = ("store the decoder's weights as int8 (per channel) or int4 (grouped) codes, quantized while "
+              "loading; a checkpoint written by 'qwen2audio quantize' loads as saved without it "
+              "(default: the checkpoint's own weights)")
+    parser.add_argument("--quantization", "-q", choices=["int8", "int4"], required=required,
+                        help=written if required else loaded)
+    parser.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128],
+                        help="int4: inputs sharing one scale and zero (default: 128)")
 
 
 def _segmentation(parser: argparse.ArgumentParser) -> None:
@@ -360,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--overwrite", action="store_true",
                             help="discard results saved in OUTPUT.jsonl instead of resuming")
     evaluation.set_defaults(handler=_cmd_eval)
+
+    quantize = command("quantize", "write a copy of a checkpoint with int8 or int4 decoder weights")
+    quantize.add_argument("--model", required=True, help="the float checkpoint: directory or Hugging Face hub id")
+    _quantization(quantize, required=True)
+    quantize.add_argument("--output", required=True, help="new (or empty) directory for the quantized checkpoint")
+    quantize.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bars")
+    quantize.set_defaults(handler=_cmd_quantize)
 
     inspect = command("inspect", "decode audio files; show duration, windows and audio-token count")
     _segmentation(inspect)

@@ -60,10 +60,11 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, allow_patterns: list[str
         raise CheckpointNotFoundError(f"{text}: download failed ({exc}); pass a local directory instead") from None
 
 
-def checkpoint_identity(name_or_path: str | os.PathLike, directory: pathlib.Path | None = None) -> str:
+def checkpoint_identity(name_or_path: str | os.PathLike, directory: pathlib.Path | None = None,
+                        quantization: str | None = None) -> str:
     """A label for what a checkpoint is, cheap enough to take before its weights load: the hub id
-    (or the directory's absolute path) and a digest of its config.json. Saved evaluation results
-    are keyed on it."""
+    (or the directory's absolute path), a digest of its config.json, and the quantization asked
+    for when loading (e.g. "int4-g128"). Saved evaluation results are keyed on it."""
     path = pathlib.Path(name_or_path).expanduser()
     label = str(path.resolve()) if path.is_dir() else str(name_or_path)
     directory = directory or resolve_checkpoint(name_or_path, allow_patterns=["config.json"])
@@ -71,4 +72,4 @@ def checkpoint_identity(name_or_path: str | os.PathLike, directory: pathlib.Path
         digest = hashlib.sha256((directory / "config.json").read_bytes()).hexdigest()[:12]
     except OSError as exc:
         raise CheckpointError(f"{name_or_path}: cannot read config.json ({exc})") from None
-    return f"{label}#{digest}"
+    return f"{label}#{digest}" + (f"#{quantization}" if quantization else "")

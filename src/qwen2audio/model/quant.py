@@ -30,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2audio.errors import CheckpointError
+
 Scheme = Literal["int8", "int4"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 GROUP_SIZES = (32, 64, 128)
 DECODE_ROWS = 16  # at most this many rows take the integer kernels; more dequantize for a GEMM
+_DEQUANT_ELEMENTS = 2**24  # a prefill GEMM dequantizes at most this many weights at a time
 EQUALIZE_POWER = 0.5
 _BLOCK_N = 64  # torch's CPU int4 kernel packs rows in blocks of 64
 
@@ -51,6 +54,9 @@ class QuantConfig:
         if self.scheme == "int4" and self.group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
                              f"not {self.group_size}")
+
+    def label(self) -> str:
+        return f"int4-g{self.group_size}" if self.scheme == "int4" else "int8"
 
     def describe(self) -> str:
         return f"int4 (groups of {self.group_size})" if self.scheme == "int4" else "int8 (per channel)"
@@ -80,6 +86,7 @@ class QuantizedLinear(nn.Module):
         self._staging: torch.Tensor | None = None
         self._staged = 0
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cpu_layout = False  # int4 codes repacked in place for torch's CPU kernel (first decode step)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, dtype: torch.dtype = torch.bfloat16
@@ -120,32 +127,41 @@ class QuantizedLinear(nn.Module):
             scales = _bf16_exact((high - low).clamp(min=1e-12) / 15.0)
             zeros = _bf16_exact(low + 8 * scales)
             codes = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.uint8)
-            self.qweight.copy_(pack_int4(codes.reshape(self.out_features, -1)))
+            self.qweight = pack_int4(codes.reshape(self.out_features, -1))
+            self._cpu_layout = False
             self.scales.copy_(scales)
             self.zeros.copy_(zeros)
         self._kernel = None
 
     def codes(self) -> torch.Tensor:
         """The integer codes [out, in] (int8 as stored; int4 unpacked, 0..15)."""
-        return self.qweight if self.config.scheme == "int8" else unpack_int4(self.qweight)
+        if self.config.scheme == "int8":
+            return self.qweight
+        return unpack_int4(from_cpu_int4_layout(self.qweight) if self._cpu_layout else self.qweight)
+
+    def saved_qweight(self) -> torch.Tensor:
+        """``qweight`` in the documented (saved) layout, whichever layout it is held in."""
+        return pack_int4(self.codes()) if self._cpu_layout else self.qweight
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight the codes stand for, [out, in], input scale divided back out."""
-        return (self._scaled_weight() / self.input_scale.float()).to(dtype or self.dtype)
+        """The float weight the codes stand for, [out, in], input scale multiplied back in."""
+        return (self._scaled_weight() * self.input_scale.float()).to(dtype or self.dtype)
 
-    def _scaled_weight(self) -> torch.Tensor:
-        """W / s in float32: what the codes encode directly."""
+    def _scaled_weight(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """W / s (what the codes encode directly) for a range of output rows, in ``dtype``."""
         if self.config.scheme == "int8":
-            return self.qweight.float() * self.scales.float()[:, None]
-        groups = self.codes().float().reshape(self.out_features, -1, self.config.group_size) - 8
-        weight = groups * self.scales.float()[..., None] + self.zeros.float()[..., None]
-        return weight.reshape(self.out_features, -1)
+            return self.qweight[rows].to(dtype) * self.scales[rows].to(dtype)[:, None]
+        packed = self.qweight[rows]  # in the CPU layout, row slices on 64-row blocks stay whole blocks
+        codes = unpack_int4(from_cpu_int4_layout(packed) if self._cpu_layout else packed)
+        groups = codes.to(dtype).reshape(codes.shape[0], -1, self.config.group_size) - 8
+        weight = groups * self.scales[rows].to(dtype)[..., None] + self.zeros[rows].to(dtype)[..., None]
+        return weight.reshape(codes.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         x = x.to(self.dtype) * self.input_scale.to(self.dtype)
         if x.device.type != "cpu" or rows > DECODE_ROWS or not self._kernel_fits():
-            return F.linear(x, self._scaled_weight().to(self.dtype), self.bias)
+            return self._dequantized_linear(x)
         flat = x.reshape(rows, self.in_features)
         packed, scales = self._kernel_operands()
         if self.config.scheme == "int8":
@@ -154,6 +170,19 @@ class QuantizedLinear(nn.Module):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.config.group_size, scales)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
+
+    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """A GEMM on the weight dequantized in slices of rows, so that a large layer (the output
+        layer is 0.6 G weights in the 7B) never exists whole in floating point."""
+        step = max(_BLOCK_N, _DEQUANT_ELEMENTS // self.in_features // _BLOCK_N * _BLOCK_N)
+        if step >= self.out_features:
+            return F.linear(x, self._scaled_weight(self.dtype), self.bias)
+        out = torch.empty(*x.shape[:-1], self.out_features, dtype=self.dtype, device=x.device)
+        for start in range(0, self.out_features, step):
+            rows = slice(start, start + step)
+            bias = self.bias[rows] if self.bias is not None else None
+            out[..., rows] = F.linear(x, self._scaled_weight(self.dtype, rows), bias)
+        return out
 
     def _kernel_fits(self) -> bool:
         return self.dtype in (torch.float32, torch.bfloat16) and (
@@ -165,8 +194,11 @@ class QuantizedLinear(nn.Module):
             if self.config.scheme == "int8":
                 self._kernel = self.qweight, self.scales.to(self.dtype)
             else:
+                if not self._cpu_layout:  # replaced, not copied: the codes are most of the memory
+                    self.qweight = cpu_int4_layout(self.qweight)
+                    self._cpu_layout = True
                 scales_and_zeros = torch.stack([self.scales, self.zeros], dim=2).transpose(0, 1).contiguous()
-                self._kernel = cpu_int4_layout(self.qweight), scales_and_zeros.to(self.dtype)
+                self._kernel = self.qweight, scales_and_zeros.to(self.dtype)
         return self._kernel
 
     def extra_repr(self) -> str:
@@ -181,6 +213,14 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of ``pack_int4``."""
     return torch.stack([packed & 15, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def from_cpu_int4_layout(kernel: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``cpu_int4_layout``."""
+    rows, half = kernel.shape
+    blocks = kernel.reshape(rows // _BLOCK_N, half * 2, _BLOCK_N // 2)  # [block, input, row in half-block]
+    codes = torch.stack([blocks & 15, blocks >> 4], dim=1)  # [block, half, input, row]
+    return pack_int4(codes.permute(0, 1, 3, 2).reshape(rows, half * 2))
 
 
 def cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
@@ -223,15 +263,30 @@ def _like(linear: nn.Linear, config: QuantConfig, dtype: torch.dtype) -> Quantiz
                            linear.weight.device)
 
 
+def check_fits(network: nn.Module, config: QuantConfig) -> None:
+    """Refuse a group size that does not divide every quantized layer's inputs, naming the layer."""
+    if config.scheme != "int4":
+        return
+    for name, module in network.language_model.model.layers[0].named_modules():
+        if isinstance(module, nn.Linear) and module.in_features % config.group_size:
+            fitting = [str(g) for g in GROUP_SIZES if module.in_features % g == 0]
+            advice = f"a group size of {' or '.join(fitting)}, or int8" if fitting else "int8"
+            raise ValueError(f"int4 groups of {config.group_size} do not divide the {module.in_features} inputs of "
+                             f"the decoder's {name}: use {advice}")
+
+
 def saved_config(spec: object) -> QuantConfig | None:
     """The scheme config.json's ``quantization_config`` says the weights are stored in (None: float)."""
     if spec is None:
         return None
     if not isinstance(spec, dict) or spec.get("quant_method") != FORMAT:
         method = spec.get("quant_method") if isinstance(spec, dict) else spec
-        raise ValueError(f"config.json's quantization_config (quant_method {method!r}) is not a format this "
-                         f"package reads: load the original float checkpoint instead")
-    return QuantConfig(spec.get("scheme"), int(spec.get("group_size", 128)))
+        raise CheckpointError(f"config.json's quantization_config (quant_method {method!r}) is not a format this "
+                              f"package reads: load the original float checkpoint instead")
+    try:
+        return QuantConfig(spec.get("scheme"), int(spec.get("group_size", 128)))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json's quantization_config is not valid: {exc}") from None
 
 
 def config_entry(config: QuantConfig) -> dict:

@@ -88,7 +88,8 @@ def serve(args: argparse.Namespace) -> int:
     model = Qwen2Audio.from_pretrained(model_name, device=args.device, dtype=args.dtype, progress=not args.quiet,
                                        engine_options=_engine_options(args),
                                        chat_template=_chat_template(args.chat_template),
-                                       segmentation=args.segmentation)
+                                       segmentation=args.segmentation, quantization=args.quantization,
+                                       quantization_group_size=args.quantization_group_size)
     _log_startup(model, model_name, args)
     app = create_app(model, options)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it through the handler it found:
