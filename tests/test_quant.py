@@ -100,16 +100,15 @@ def test_our_int4_layout_is_torchs():
     assert torch.equal(cpu_int4_layout(pack_int4(codes)), expected.view(torch.uint8).reshape(128, 128))
 
 
-def test_rows_filled_in_pieces_equal_the_whole():
-    """A fused weight (qkv, gate_up) arrives as separate checkpoint tensors: staged, then quantized."""
+def test_pieces_in_any_order_and_dtype_equal_the_whole():
+    """A fused weight (qkv, gate_up) arrives as separate checkpoint tensors, streamed in slices."""
     linear = trained_looking(96, 128, seed=1)
+    weight = linear.weight.detach().to(torch.bfloat16)  # as a bf16 checkpoint stores it
     for config in (QuantConfig("int8"), QuantConfig("int4", 32)):
-        whole = QuantizedLinear.from_float(linear, config)
-        pieces = QuantizedLinear(128, 96, config, bias=True)
-        pieces.load_rows(40, linear.weight[40:])
-        assert pieces._staging is not None
-        pieces.load_rows(0, linear.weight[:40])
-        assert pieces._staging is None
+        whole = QuantizedLinear.from_float(nn.Linear(128, 96).requires_grad_(False), config)
+        whole.quantize_from(lambda: [(0, weight.float())])
+        pieces = QuantizedLinear(128, 96, config)
+        pieces.quantize_from(lambda: [(40, weight[40:70]), (70, weight[70:]), (0, weight[:40])])
         for name, buffer in whole.named_buffers():
             assert torch.equal(buffer, dict(pieces.named_buffers())[name]), name
 

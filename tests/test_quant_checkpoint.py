@@ -50,8 +50,10 @@ def test_layers_quantized_while_loading_equal_the_whole_weight_quantized(sharded
             got = decoder.model.layers[index].get_submodule(name)
             expected = QuantizedLinear.from_float(reference.model.layers[index].get_submodule(name), config,
                                                   torch.float32)
+            assert got._cpu_layout == (config.scheme == "int4")  # laid out for the kernel when loaded
             for key, buffer in expected.named_buffers():
-                assert torch.equal(dict(got.named_buffers())[key], buffer), (name, key)
+                value = got.saved_qweight() if key == "qweight" else dict(got.named_buffers())[key]
+                assert torch.equal(value, buffer), (name, key)
     assert decoder.lm_head.config == quant.HEAD
     assert model.network.audio_tower.layers[0].fc1.weight.dtype == torch.float32  # the encoder stays float
 
@@ -73,7 +75,7 @@ def test_a_written_checkpoint_loads_as_saved_without_requantizing(sharded, tmp_p
     def refuse(*_args, **_kwargs):
         raise AssertionError("a saved checkpoint was quantized again")
 
-    monkeypatch.setattr(QuantizedLinear, "_quantize", refuse)
+    monkeypatch.setattr(QuantizedLinear, "_quantize_rows", refuse)
     for requested in (None, "int4"):
         loaded = Qwen2Audio.from_pretrained(out, dtype="float32", progress=False, quantization=requested,
                                             quantization_group_size=32 if requested else None)

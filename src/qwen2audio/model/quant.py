@@ -16,13 +16,15 @@ Formulas (the saved layout, docs/quantization.md, stores exactly these numbers):
 Scales, zeros and input scales are rounded to bfloat16 before the codes are chosen: the kernels
 read them in bfloat16, so the codes fit the values they are multiplied by.
 
-A fused weight (qkv, gate_up) arrives in parts; rows are staged in float32 until the whole weight
-is there and then quantized at once (the input scale needs every row), so at most a layer's worth
-of float weights exists at any time while loading.
+A weight is quantized from pieces of rows read twice (first for the input scale, which needs every
+row, then for the codes), so a fused weight (qkv, gate_up) is quantized from its separate
+checkpoint tensors and no whole float weight is ever held: the 0.64 G-weight output layer of the 7B
+would take 2.6 GB in float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -83,61 +85,58 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16, **store))
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.bfloat16, **store))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._staging: torch.Tensor | None = None
-        self._staged = 0
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._cpu_layout = False  # int4 codes repacked in place for torch's CPU kernel (first decode step)
+        self._cpu_layout = False  # int4 codes repacked in place for torch's CPU kernel (see prepare)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, dtype: torch.dtype = torch.bfloat16
                    ) -> QuantizedLinear:
         layer = cls(linear.in_features, linear.out_features, config, linear.bias is not None, dtype,
                     linear.weight.device)
-        layer.load_rows(0, linear.weight.detach())
+        layer.quantize_from(lambda: row_slices(0, linear.weight.detach()))
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
     @torch.no_grad()
-    def load_rows(self, start: int, weight: torch.Tensor) -> None:
-        """Rows ``start : start + len(weight)`` of the float weight; quantized once all have arrived."""
-        if start == 0 and weight.shape[0] == self.out_features:
-            self._quantize(weight.to(self.qweight.device, torch.float32))
-            return
-        if self._staging is None:
-            self._staging = torch.empty(self.out_features, self.in_features, device=self.qweight.device)
-            self._staged = 0
-        self._staging[start:start + weight.shape[0]] = weight
-        self._staged += weight.shape[0]
-        if self._staged == self.out_features:
-            staging, self._staging = self._staging, None
-            self._quantize(staging)
-
-    def _quantize(self, weight: torch.Tensor) -> None:
-        scale = weight.abs().amax(dim=0).clamp(min=1e-12) ** EQUALIZE_POWER
+    def quantize_from(self, pieces: Callable[[], Iterable[tuple[int, torch.Tensor]]]) -> None:
+        """Quantize the float weight given as (first row, rows) pieces that together cover it once,
+        in any order and any float dtype. ``pieces`` is called twice (the input scale needs every
+        row before any code is chosen), so a loader can stream the rows from the file twice instead
+        of holding the whole float weight: only one piece at a time is ever in floating point."""
+        column_max = torch.zeros(self.in_features, device=self.qweight.device)
+        for _, rows in pieces():
+            torch.maximum(column_max, rows.abs().amax(dim=0).float(), out=column_max)
+        scale = column_max.clamp(min=1e-12) ** EQUALIZE_POWER
         self.input_scale.copy_(scale / scale.log().mean().exp())
-        weight = weight / self.input_scale.float()
+        if self.config.scheme == "int4":
+            self.qweight = torch.empty_like(self.qweight) if self._cpu_layout else self.qweight
+            self._cpu_layout = False
+        for start, rows in pieces():
+            self._quantize_rows(start, rows.to(self.qweight.device, torch.float32) / self.input_scale.float())
+        self._kernel = None
+
+    def _quantize_rows(self, start: int, weight: torch.Tensor) -> None:
+        """Codes, scales (and zeros) of rows ``start:`` from their float values divided by s."""
+        rows = slice(start, start + weight.shape[0])
         if self.config.scheme == "int8":
             scales = _bf16_exact(weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0)
-            self.qweight.copy_(torch.round(weight / scales[:, None]).clamp(-127, 127))
-            self.scales.copy_(scales)
+            self.qweight[rows] = torch.round(weight / scales[:, None]).clamp(-127, 127)
+            self.scales[rows] = scales
         else:
-            groups = weight.reshape(self.out_features, -1, self.config.group_size)
+            groups = weight.reshape(weight.shape[0], -1, self.config.group_size)
             low, high = groups.amin(dim=2), groups.amax(dim=2)
             scales = _bf16_exact((high - low).clamp(min=1e-12) / 15.0)
             zeros = _bf16_exact(low + 8 * scales)
             codes = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.uint8)
-            self.qweight = pack_int4(codes.reshape(self.out_features, -1))
-            self._cpu_layout = False
-            self.scales.copy_(scales)
-            self.zeros.copy_(zeros)
-        self._kernel = None
+            self.qweight[rows] = pack_int4(codes.reshape(weight.shape[0], -1))
+            self.scales[rows], self.zeros[rows] = scales, zeros
 
     def codes(self) -> torch.Tensor:
         """The integer codes [out, in] (int8 as stored; int4 unpacked, 0..15)."""
         if self.config.scheme == "int8":
             return self.qweight
-        return unpack_int4(from_cpu_int4_layout(self.qweight) if self._cpu_layout else self.qweight)
+        return cpu_int4_codes(self.qweight) if self._cpu_layout else unpack_int4(self.qweight)
 
     def saved_qweight(self) -> torch.Tensor:
         """``qweight`` in the documented (saved) layout, whichever layout it is held in."""
@@ -152,10 +151,20 @@ class QuantizedLinear(nn.Module):
         if self.config.scheme == "int8":
             return self.qweight[rows].to(dtype) * self.scales[rows].to(dtype)[:, None]
         packed = self.qweight[rows]  # in the CPU layout, row slices on 64-row blocks stay whole blocks
-        codes = unpack_int4(from_cpu_int4_layout(packed) if self._cpu_layout else packed)
-        groups = codes.to(dtype).reshape(codes.shape[0], -1, self.config.group_size) - 8
-        weight = groups * self.scales[rows].to(dtype)[..., None] + self.zeros[rows].to(dtype)[..., None]
-        return weight.reshape(codes.shape[0], -1)
+        codes = cpu_int4_codes(packed) if self._cpu_layout else unpack_int4(packed)
+        groups = codes.to(dtype).reshape(codes.shape[0], -1, self.config.group_size)
+        scales = self.scales[rows].float()
+        low = (self.zeros[rows].float() - 8 * scales).to(dtype)  # (q - 8) * scale + zero = q * scale + low
+        return torch.addcmul(low[..., None], groups, scales.to(dtype)[..., None]).reshape(codes.shape[0], -1)
+
+    def _slice_linear(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """``x @ W[rows]^T + bias[rows]`` on the dequantized slice (x already times s). int8's scale
+        is per output, so it multiplies the product instead of every weight (exact codes in bf16)."""
+        bias = self.bias[rows] if self.bias is not None else None
+        if self.config.scheme == "int8" and self.dtype in (torch.bfloat16, torch.float32):
+            out = F.linear(x, self.qweight[rows].to(self.dtype)) * self.scales[rows].to(self.dtype)
+            return out + bias if bias is not None else out
+        return F.linear(x, self._scaled_weight(self.dtype, rows), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -176,17 +185,21 @@ class QuantizedLinear(nn.Module):
         layer is 0.6 G weights in the 7B) never exists whole in floating point."""
         step = max(_BLOCK_N, _DEQUANT_ELEMENTS // self.in_features // _BLOCK_N * _BLOCK_N)
         if step >= self.out_features:
-            return F.linear(x, self._scaled_weight(self.dtype), self.bias)
+            return self._slice_linear(x, slice(None))
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=self.dtype, device=x.device)
         for start in range(0, self.out_features, step):
-            rows = slice(start, start + step)
-            bias = self.bias[rows] if self.bias is not None else None
-            out[..., rows] = F.linear(x, self._scaled_weight(self.dtype, rows), bias)
+            out[..., start:start + step] = self._slice_linear(x, slice(start, start + step))
         return out
 
     def _kernel_fits(self) -> bool:
         return self.dtype in (torch.float32, torch.bfloat16) and (
             self.config.scheme == "int8" or self.out_features % _BLOCK_N == 0)
+
+    def prepare(self) -> None:
+        """After loading: put the codes in the layout the CPU kernels read now, not on the first
+        decode step (int4 repacks every code: seconds for the 7B)."""
+        if self.qweight.device.type == "cpu" and self._kernel_fits():
+            self._kernel_operands()
 
     def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes and scales in the layout torch's CPU kernels take, made once after loading."""
@@ -205,6 +218,13 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.config.describe()}"
 
 
+def row_slices(start: int, weight: torch.Tensor, elements: int = 2**22) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) slices of an in-memory weight, at most ``elements`` values each."""
+    step = max(1, elements // weight.shape[1])
+    for first in range(0, weight.shape[0], step):
+        yield start + first, weight[first:first + step]
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [out, in] in 0..15 -> [out, in / 2], input 2j in the low nibble of byte j."""
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
@@ -215,12 +235,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
-def from_cpu_int4_layout(kernel: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``cpu_int4_layout``."""
+def cpu_int4_codes(kernel: torch.Tensor) -> torch.Tensor:
+    """The codes [out, in] held in the layout of ``cpu_int4_layout``."""
     rows, half = kernel.shape
     blocks = kernel.reshape(rows // _BLOCK_N, half * 2, _BLOCK_N // 2)  # [block, input, row in half-block]
     codes = torch.stack([blocks & 15, blocks >> 4], dim=1)  # [block, half, input, row]
-    return pack_int4(codes.permute(0, 1, 3, 2).reshape(rows, half * 2))
+    return codes.permute(0, 1, 3, 2).reshape(rows, half * 2)
 
 
 def cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ _DTYPES = {
 }
 _MAX_HEADER = 100 * 1024 * 1024
 _READERS = min(4, os.cpu_count() or 1)
+_PIECE_BYTES = 16 * 2**20  # a quantized layer's float rows are read this much at a time
 
 # Newer transformers keep other names in memory; checkpoints may carry any of these layouts
 # (transformers 5.15 writes the decoder as "language_model.model.model.*").
@@ -157,6 +158,11 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
     total = sum(entry.nbytes for _, _, entry in plan)
     scratch = _Scratch()
     ordered = list(_ordered(plan))
+    quantizing: dict[QuantizedLinear, list[tuple[int, TensorEntry]]] = {}
+    for target, entry in ordered:
+        if isinstance(target, _Quantizing):
+            quantizing.setdefault(target.layer, []).append((target.start, entry))
+    ordered = [(t, e) for t, e in ordered if not isinstance(t, _Quantizing)]
     direct = [(t, e) for t, e in ordered if _is_direct(t, e)]
     converted = [(t, e) for t, e in ordered if not _is_direct(t, e)]
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar, \
@@ -168,6 +174,25 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
         for target, entry in converted:
             _read_into(target, entry, scratch)
             bar.update(entry.nbytes)
+        for layer, parts in quantizing.items():
+            layer.quantize_from(lambda parts=parts: _row_pieces(parts, scratch))
+            bar.update(sum(entry.nbytes for _, entry in parts))
+
+
+def _row_pieces(parts: list[tuple[int, TensorEntry]], scratch: _Scratch) -> Iterator[tuple[int, torch.Tensor]]:
+    """The rows of a quantized layer's float weight, read from its checkpoint tensors a slice at a
+    time into the scratch buffer (each slice is used before the next is read)."""
+    for start, entry in parts:
+        width = _numel(entry.shape[1:])
+        row_bytes = width * entry.dtype.itemsize
+        step = max(1, _PIECE_BYTES // row_bytes)
+        for first in range(0, entry.shape[0], step):
+            count = min(step, entry.shape[0] - first)
+            piece = TensorEntry(entry.path, entry.dtype, (count, width), entry.start + first * row_bytes,
+                                entry.start + (first + count) * row_bytes)
+            buffer = scratch.get(piece, pin=False)
+            _read_bytes(piece, buffer)
+            yield start + first, buffer
 
 
 def _targets(model: nn.Module, entries: dict[str, TensorEntry]) -> dict[str, object]:
@@ -184,8 +209,8 @@ def _targets(model: nn.Module, entries: dict[str, TensorEntry]) -> dict[str, obj
 
 
 class _Quantizing:
-    """Stands in for a quantized layer's float weight (or rows of it) in the plan: what is read is
-    handed to the layer, which quantizes it once every row has arrived."""
+    """Stands in for a quantized layer's float weight (or rows of it) in the plan, which checks its
+    shape; load_weights then streams those rows to the layer (QuantizedLinear.quantize_from)."""
 
     dtype = torch.float32
 
@@ -204,9 +229,6 @@ class _Quantizing:
 
     def is_contiguous(self) -> bool:
         return False
-
-    def copy_(self, values: torch.Tensor) -> None:
-        self.layer.load_rows(self.start, values)
 
 
 def parameter_views(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -298,6 +320,14 @@ def _is_direct(target: torch.Tensor, entry: TensorEntry) -> bool:
 def _read_into(target: torch.Tensor, entry: TensorEntry, scratch: _Scratch | None) -> TensorEntry:
     direct = _is_direct(target, entry)
     buffer = target if direct else scratch.get(entry, pin=target.device.type == "cuda")
+    _read_bytes(entry, buffer)
+    if not direct:
+        target.copy_(buffer)
+    return entry
+
+
+def _read_bytes(entry: TensorEntry, buffer: torch.Tensor) -> None:
+    """The entry's bytes from its file into ``buffer`` (a CPU tensor of exactly that size)."""
     view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if buffer.numel() else memoryview(b"")
     with open(entry.path, "rb", buffering=0) as handle:
         handle.seek(entry.start)
@@ -307,6 +337,3 @@ def _read_into(target: torch.Tensor, entry: TensorEntry, scratch: _Scratch | Non
             if not count:
                 raise CheckpointError(f"{entry.path}: truncated while reading (expected {entry.nbytes} bytes)")
             done += count
-    if not direct:
-        target.copy_(buffer)
-    return entry
