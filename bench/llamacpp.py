@@ -46,7 +46,8 @@ torch.set_num_threads(2)
 from qwen2audio import EngineOptions, Qwen2Audio, SamplingParams
 quantization = None if scheme == "float32" else scheme
 model = Qwen2Audio.from_pretrained(directory, device="cpu", dtype="float32" if scheme == "float32" else "auto",
-                                   progress=False, quantization=quantization, engine_options=EngineOptions(enable_prefix_cache=False))
+                                   progress=False, quantization=quantization,
+                                   engine_options=EngineOptions(enable_prefix_cache=False))
 clip, rate = soundfile.read(clip_path, dtype="float32")
 if pad == "1":
     clip = np.concatenate([clip, np.zeros(30 * rate - len(clip), np.float32)])
@@ -101,7 +102,8 @@ def _sdist_source(work: pathlib.Path) -> pathlib.Path:
     return sorted(work.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
 
 
-def ggufs(checkpoint: pathlib.Path, source: pathlib.Path, bins: pathlib.Path, work: pathlib.Path) -> dict[str, pathlib.Path]:
+def ggufs(checkpoint: pathlib.Path, source: pathlib.Path, bins: pathlib.Path, work: pathlib.Path
+          ) -> dict[str, pathlib.Path]:
     """The text model in f32, Q8_0 and Q4_K_M, and the audio projector (key "mmproj")."""
     out = {"f32": work / "text-f32.gguf", "mmproj": work / "mmproj-f32.gguf"}
     env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
@@ -109,7 +111,8 @@ def ggufs(checkpoint: pathlib.Path, source: pathlib.Path, bins: pathlib.Path, wo
     if not out["f32"].is_file():
         subprocess.run([*convert, "--outfile", str(out["f32"])], check=True, capture_output=True, env=env)
     if not out["mmproj"].is_file():
-        subprocess.run([*convert, "--mmproj", "--outfile", str(out["mmproj"])], check=True, capture_output=True, env=env)
+        subprocess.run([*convert, "--mmproj", "--outfile", str(out["mmproj"])], check=True, capture_output=True,
+                       env=env)
     for kind in ("Q8_0", "Q4_K_M"):
         out[kind] = work / f"text-{kind}.gguf"
         if not out[kind].is_file():
@@ -122,9 +125,9 @@ def run_llama(bins: pathlib.Path, model: pathlib.Path, mmproj: pathlib.Path, cli
               new_tokens: int) -> dict:
     """One llama-mtmd-cli run; its own timings: audio encode + decode into the context + prompt
     eval until the first token, and its decode rate."""
-    done = subprocess.run([str(bins / "llama-mtmd-cli"), "-m", str(model), "--mmproj", str(mmproj), "--audio", str(clip),
-                           "-p", QUESTION, "-n", str(new_tokens), "-t", "2", "--temp", "0", "--ignore-eos", "-c", "4096",
-                           "--no-mmproj-offload"], capture_output=True, text=True, timeout=1800)
+    command = [str(bins / "llama-mtmd-cli"), "-m", str(model), "--mmproj", str(mmproj), "--audio", str(clip),
+               "-p", QUESTION, "-n", str(new_tokens), "-t", "2", "--temp", "0", "--ignore-eos", "-c", "4096"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     log = done.stdout + done.stderr
     if done.returncode:
         raise RuntimeError(f"llama-mtmd-cli failed:\n{log[-3000:]}")
