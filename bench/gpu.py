@@ -1,6 +1,6 @@
 """GPU benchmark: our engine against transformers' generate, full Qwen2-Audio-7B architecture.
 
-    python bench/gpu.py [--requests 32] [--new-tokens 128] [--output results.json]
+    python bench/gpu.py [--requests 32] [--new-tokens 128] [--quantization int8 int4 fp8] [--output results.json]
     python bench/gpu.py --tiny --device cpu      # the same logic at toy size (the tests run this,
                                                  # with --clip-seconds 5: transformers' prefill is the cost)
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import pathlib
@@ -387,6 +388,9 @@ def parse_args() -> argparse.Namespace:
                         help="length of every request's clip (the targets are for 30 s; shorter for quick checks)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--no-fp8-kv", action="store_true", help="skip the run with an fp8 KV cache")
+    parser.add_argument("--quantization", nargs="+", default=[], choices=["int8", "int4", "fp8"],
+                        help="also measure ours with the decoder's weights quantized from the same numbers "
+                             "(logits against the unquantized network are reported)")
     parser.add_argument("--output", help="write the figures and checks here as JSON")
     parser.add_argument("--profile-dir", help="also write kernel tables of our prefill and decode steps here")
     return parser.parse_args()
@@ -445,12 +449,13 @@ class Bench:
             self.our_logits = our_prompt_logits(self.network.with_backend(Backend()), self.processor, self.probe,
                                                 self.device)
 
-    def measure(self, name: str, options: EngineOptions) -> None:
+    def measure(self, name: str, options: EngineOptions, network: Qwen2AudioForConditionalGeneration | None = None
+                ) -> None:
         """Our four figures with these engine options; a side run checks its tokens against the default's."""
         args = self.args
         with self.section(f"{name}: 1 request, then {args.requests} at once, {args.new_tokens} new tokens each"):
-            engine = self.engine(options)
-            if options != self.options:
+            engine = self.engine(options, network)
+            if options != self.options or network is not None:
                 agree = common_prefix(ours_run(engine, [self.probe], 32)[3][0], self.fast_tokens)
                 self.report[f"{name} vs ours common prefix"] = agree
                 log(f"   greedy tokens agree with the default engine's on the first {agree} of 32")
@@ -459,6 +464,20 @@ class Bench:
                 profile_ours(engine, args.requests, pathlib.Path(args.profile_dir), self.device, args.clip_seconds)
             del engine
             release()
+
+    def measure_quantized(self, scheme: str) -> None:
+        """Ours on a copy of the network whose decoder is quantized from the same weights."""
+        from qwen2audio.model.quant import QuantConfig, quantize_network
+
+        with self.section(f"ours {scheme}: quantizing a copy of the network"):
+            network = quantize_network(copy.deepcopy(self.network), QuantConfig(scheme), self.dtype)
+            logits = our_prompt_logits(network, self.processor, self.probe, self.device)
+            self.report[f"ours {scheme} logits_relative_l2"] = relative(logits, self.our_logits)
+            log(f"   last-position logits against the unquantized network: relative L2 "
+                f"{self.report[f'ours {scheme} logits_relative_l2']:.2e}")
+        self.measure(f"ours {scheme}", self.options, network)
+        del network
+        release()
 
     def compare_with_transformers(self) -> None:
         """transformers on a copy of the same weights: logits and greedy tokens, then its figures."""
@@ -503,6 +522,8 @@ def main() -> None:
     bench.measure("ours", bench.options)
     if not args.no_fp8_kv:
         bench.measure("ours fp8 KV", replace(bench.options, kv_cache_dtype="fp8"))
+    for scheme in args.quantization:
+        bench.measure_quantized(scheme)
     if not args.skip_transformers:
         bench.compare_with_transformers()
     bench.finish()

@@ -114,7 +114,7 @@ def test_pieces_in_any_order_and_dtype_equal_the_whole():
 
 
 def test_bad_schemes_and_group_sizes_are_refused():
-    with pytest.raises(ValueError, match="quantization must be one of int8, int4, not 'int3'"):
+    with pytest.raises(ValueError, match="quantization must be one of int8, int4, fp8, not 'int3'"):
         QuantConfig("int3")
     with pytest.raises(ValueError, match="group size must be one of 32, 64, 128, not 100"):
         QuantConfig("int4", 100)
@@ -187,7 +187,7 @@ def test_quantized_model_against_the_float_one(trained_checkpoint, float_referen
 
 
 def test_quantized_loading_refuses_bad_requests(trained_checkpoint):
-    with pytest.raises(InputError, match="quantization must be one of int8, int4, not 'int2'"):
+    with pytest.raises(InputError, match="quantization must be one of int8, int4, fp8, not 'int2'"):
         Qwen2Audio.from_pretrained(trained_checkpoint, quantization="int2", progress=False)
     with pytest.raises(InputError, match="a group size applies to int4 only"):
         Qwen2Audio.from_pretrained(trained_checkpoint, quantization="int8", quantization_group_size=64,

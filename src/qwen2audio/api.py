@@ -21,7 +21,7 @@ from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingError, SamplingParams
 from qwen2audio.errors import CheckpointError, InputError
 from qwen2audio.hub import checkpoint_identity, resolve_checkpoint
-from qwen2audio.model import quant
+from qwen2audio.model import quant, quant_cuda
 from qwen2audio.model.attention import AttentionMetadata, kv_cache_dtype
 from qwen2audio.model.backend import choose_backend, prepare_network
 from qwen2audio.model.inputs import Chunk, flatten
@@ -78,6 +78,12 @@ def parse_quantization(value: str | quant.QuantConfig | None, group_size: int | 
         return quant.parse(value, group_size)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def _check_device(scheme: quant.QuantConfig | None, device: torch.device) -> None:
+    problem = scheme and quant_cuda.device_problem(scheme.scheme, device)
+    if problem:
+        raise InputError(problem)
 
 
 def resolve_quantization(requested: quant.QuantConfig | None, config: ModelConfig) -> quant.QuantConfig | None:
@@ -229,17 +235,19 @@ class Qwen2Audio:
         filled tensor by tensor, so host memory peaks near one copy of the weights. Its op backend
         (``engine_options.kernels``, ``cpu_onednn``) is chosen here, once, and bound to its layers.
 
-        ``quantization`` ("int8", or "int4" with ``quantization_group_size`` 32/64/128, default 128)
-        stores the decoder's linear layers as integer codes, quantized tensor by tensor while
-        loading, so the float model never exists in memory; a checkpoint written by
+        ``quantization`` ("int8", "int4" with ``quantization_group_size`` 32/64/128, default 128, or
+        on GPUs of compute capability 8.9+ "fp8") stores the decoder's linear layers as codes,
+        quantized tensor by tensor while loading, so the float model never exists in memory; a checkpoint written by
         ``qwen2audio quantize`` loads as it was saved (docs/quantization.md).
         """
         target = resolve_device(device)
         options = engine_options or EngineOptions()
         requested = parse_quantization(quantization, quantization_group_size)  # before any download
+        _check_device(requested, target)
         directory = resolve_checkpoint(name_or_path, allow_patterns=WEIGHT_PATTERNS)
         config = ModelConfig.from_dir(directory)
         scheme = resolve_quantization(requested, config)
+        _check_device(scheme, target)
         torch_dtype = resolve_dtype(dtype, target, quantized=scheme is not None)
         started = time.perf_counter()
         backend = choose_backend(config.text, target, torch_dtype, options.kernels, options.cpu_onednn,

@@ -286,11 +286,11 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
 
 def _quantization(parser: argparse.ArgumentParser, required: bool = False) -> None:
     written = "write the decoder's weights as int8 (per channel) or int4 (grouped) codes"
-    loaded = ("store the decoder's weights as int8 (per channel) or int4 (grouped) codes, quantized while "
-              "loading; a checkpoint written by 'qwen2audio quantize' loads as saved without it "
-              "(default: the checkpoint's own weights)")
-    parser.add_argument("--quantization", "-q", choices=["int8", "int4"], required=required,
-                        help=written if required else loaded)
+    loaded = ("store the decoder's weights as int8 (per channel) or int4 (grouped) codes, or as fp8 on GPUs "
+              "of compute capability 8.9+, quantized while loading; a checkpoint written by 'qwen2audio "
+              "quantize' loads as saved without it (default: the checkpoint's own weights)")
+    parser.add_argument("--quantization", "-q", choices=["int8", "int4"] if required else ["int8", "int4", "fp8"],
+                        required=required, help=written if required else loaded)
     parser.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128],
                         help="int4: inputs sharing one scale and zero (default: 128)")
 

@@ -23,6 +23,7 @@ from qwen2audio.config import TextConfig
 from qwen2audio.model.attention import AttentionMetadata, KVCache, decode_attention, write_cache
 from qwen2audio.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from qwen2audio.model.quant import QuantizedLinear
+from qwen2audio.model.weights import release_free_memory
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -179,9 +180,11 @@ def prepare_network(network: nn.Module) -> int:
     MKL's fp32 GEMM is slow for the few rows of a decode step (measured 2-2.6x slower for 1-8 rows
     at these widths) and the same for long prefills; torch's MkldnnLinear keeps the weight in
     oneDNN's blocked layout. Returns how many layers were converted."""
-    for module in network.modules():
-        if isinstance(module, QuantizedLinear):
-            module.prepare()
+    quantized = [module for module in network.modules() if isinstance(module, QuantizedLinear)]
+    for module in quantized:
+        module.prepare()
+    if quantized:
+        release_free_memory()  # the codes' loading layout, freed as each layer was repacked
     if not network.backend.onednn:
         return 0
     from torch.utils.mkldnn import MkldnnLinear

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 linear layers for the decoder.
+"""Weight-only int8, int4 (and, on recent GPUs, fp8) linear layers for the decoder.
 
 Owns the quantization formulas, the packed storage torch's CPU kernels take, and the choice between
 the integer kernels (decode-sized row counts, where a step streams every weight once and speed
@@ -13,6 +13,7 @@ Formulas (the saved layout, docs/quantization.md, stores exactly these numbers):
   crosses. Activations stay in floating point, so the product is exact before rounding.
 - int8: symmetric, one scale per output channel: ``W' = q * scale``, q in -127..127.
 - int4: asymmetric groups of ``group_size`` inputs: ``W' = (q - 8) * scale + zero``, q in 0..15.
+- fp8: float8 e4m3 codes, one scale per output channel: ``W' = q * scale`` (GPU kernels: quant_cuda.py).
 Scales, zeros and input scales are rounded to bfloat16 before the codes are chosen: the kernels
 read them in bfloat16, so the codes fit the values they are multiplied by.
 
@@ -33,12 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2audio.errors import CheckpointError
+from qwen2audio.model import quant_cuda
 
-Scheme = Literal["int8", "int4"]
+Scheme = Literal["int8", "int4", "fp8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 GROUP_SIZES = (32, 64, 128)
 DECODE_ROWS = 16  # at most this many rows take the integer kernels; more dequantize for a GEMM
-_DEQUANT_ELEMENTS = 2**24  # a prefill GEMM dequantizes at most this many weights at a time
+_DEQUANT_ELEMENTS = 2**22  # a prefill GEMM dequantizes at most this many weights at a time
 EQUALIZE_POWER = 0.5
 _BLOCK_N = 64  # torch's CPU int4 kernel packs rows in blocks of 64
 
@@ -58,10 +60,12 @@ class QuantConfig:
                              f"not {self.group_size}")
 
     def label(self) -> str:
-        return f"int4-g{self.group_size}" if self.scheme == "int4" else "int8"
+        return f"int4-g{self.group_size}" if self.scheme == "int4" else self.scheme
 
     def describe(self) -> str:
-        return f"int4 (groups of {self.group_size})" if self.scheme == "int4" else "int8 (per channel)"
+        if self.scheme == "int4":
+            return f"int4 (groups of {self.group_size})"
+        return f"{self.scheme} (per channel)"
 
 
 class QuantizedLinear(nn.Module):
@@ -74,8 +78,9 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"int4 groups of {config.group_size} do not divide a layer of {in_features} inputs")
         self.in_features, self.out_features, self.config, self.dtype = in_features, out_features, config, dtype
         store = dict(device=device)
-        if config.scheme == "int8":
-            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, **store))
+        if config.scheme != "int4":
+            codes = torch.int8 if config.scheme == "int8" else quant_cuda.FP8
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=codes, **store))
             self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16, **store))
         else:
             groups = in_features // config.group_size
@@ -87,6 +92,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cpu_layout = False  # int4 codes repacked in place for torch's CPU kernel (see prepare)
+        self._cuda_layout = False  # int4 codes replaced by tinygemm's packing (see prepare)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, dtype: torch.dtype = torch.bfloat16
@@ -123,6 +129,11 @@ class QuantizedLinear(nn.Module):
             scales = _bf16_exact(weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0)
             self.qweight[rows] = torch.round(weight / scales[:, None]).clamp(-127, 127)
             self.scales[rows] = scales
+        elif self.config.scheme == "fp8":
+            scales = _bf16_exact(weight.abs().amax(dim=1).clamp(min=1e-12) / quant_cuda.FP8_MAX)
+            self.qweight[rows] = (weight / scales[:, None]).clamp(-quant_cuda.FP8_MAX, quant_cuda.FP8_MAX).to(
+                quant_cuda.FP8)
+            self.scales[rows] = scales
         else:
             groups = weight.reshape(weight.shape[0], -1, self.config.group_size)
             low, high = groups.amin(dim=2), groups.amax(dim=2)
@@ -133,9 +144,12 @@ class QuantizedLinear(nn.Module):
             self.scales[rows], self.zeros[rows] = scales, zeros
 
     def codes(self) -> torch.Tensor:
-        """The integer codes [out, in] (int8 as stored; int4 unpacked, 0..15)."""
-        if self.config.scheme == "int8":
+        """The codes [out, in] (int8 and fp8 as stored; int4 unpacked, 0..15)."""
+        if self.config.scheme != "int4":
             return self.qweight
+        if self._cuda_layout:
+            raise RuntimeError("these int4 codes are held in tinygemm's GPU layout only: load the checkpoint on the "
+                               "CPU to read or save them")
         return cpu_int4_codes(self.qweight) if self._cpu_layout else unpack_int4(self.qweight)
 
     def saved_qweight(self) -> torch.Tensor:
@@ -148,7 +162,7 @@ class QuantizedLinear(nn.Module):
 
     def _scaled_weight(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """W / s (what the codes encode directly) for a range of output rows, in ``dtype``."""
-        if self.config.scheme == "int8":
+        if self.config.scheme != "int4":
             return self.qweight[rows].to(dtype) * self.scales[rows].to(dtype)[:, None]
         packed = self.qweight[rows]  # in the CPU layout, row slices on 64-row blocks stay whole blocks
         codes = cpu_int4_codes(packed) if self._cpu_layout else unpack_int4(packed)
@@ -169,7 +183,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         x = x.to(self.dtype) * self.input_scale.to(self.dtype)
-        if x.device.type != "cpu" or rows > DECODE_ROWS or not self._kernel_fits():
+        if x.device.type == "cuda":
+            return self._cuda_forward(x, rows)
+        if rows > DECODE_ROWS or not self._kernel_fits():
             return self._dequantized_linear(x)
         flat = x.reshape(rows, self.in_features)
         packed, scales = self._kernel_operands()
@@ -191,14 +207,40 @@ class QuantizedLinear(nn.Module):
             out[..., start:start + step] = self._slice_linear(x, slice(start, start + step))
         return out
 
+    def _cuda_forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """See model/quant_cuda.py: tinygemm (int4), torch's int8 kernel for decode rows, fp8 GEMM."""
+        self.prepare()
+        packed, scales = self._kernel
+        if self.config.scheme == "int4":
+            out = quant_cuda.int4_linear(x, packed, self.config.group_size, scales)
+        elif self.config.scheme == "fp8":
+            return quant_cuda.fp8_linear(x, packed, scales, self.bias)
+        elif rows <= DECODE_ROWS:
+            flat = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features), packed, scales)
+            out = flat.reshape(*x.shape[:-1], self.out_features)
+        else:
+            return self._dequantized_linear(x)
+        return out + self.bias if self.bias is not None else out
+
     def _kernel_fits(self) -> bool:
         return self.dtype in (torch.float32, torch.bfloat16) and (
-            self.config.scheme == "int8" or self.out_features % _BLOCK_N == 0)
+            self.config.scheme == "int8" or (self.config.scheme == "int4" and self.out_features % _BLOCK_N == 0))
 
     def prepare(self) -> None:
-        """After loading: put the codes in the layout the CPU kernels read now, not on the first
-        decode step (int4 repacks every code: seconds for the 7B)."""
-        if self.qweight.device.type == "cpu" and self._kernel_fits():
+        """After loading: put the codes in the layout the kernels read now, not on the first decode
+        step (int4 repacks every code: seconds for the 7B)."""
+        if self._kernel is not None:
+            return
+        if self.qweight.device.type == "cuda":
+            if self.config.scheme == "int4":  # replaced, not copied: the codes are most of the memory
+                self.qweight, sz = quant_cuda.int4_operands(self.qweight, self.scales, self.zeros)
+                self._cuda_layout = True
+                self._kernel = self.qweight, sz
+            elif self.config.scheme == "fp8":
+                self._kernel = self.qweight, self.scales.float()[None, :]
+            else:
+                self._kernel = self.qweight, self.scales.to(self.dtype)
+        elif self._kernel_fits():
             self._kernel_operands()
 
     def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,8 +252,7 @@ class QuantizedLinear(nn.Module):
                 if not self._cpu_layout:  # replaced, not copied: the codes are most of the memory
                     self.qweight = cpu_int4_layout(self.qweight)
                     self._cpu_layout = True
-                scales_and_zeros = torch.stack([self.scales, self.zeros], dim=2).transpose(0, 1).contiguous()
-                self._kernel = self.qweight, scales_and_zeros.to(self.dtype)
+                self._kernel = self.qweight, quant_cuda.scales_and_zeros(self.scales, self.zeros, self.dtype)
         return self._kernel
 
     def extra_repr(self) -> str:
@@ -278,6 +319,22 @@ def quantize_layers(network: nn.Module, config: QuantConfig, dtype: torch.dtype)
     return swapped
 
 
+def quantize_network(network: nn.Module, config: QuantConfig, dtype: torch.dtype) -> nn.Module:
+    """A loaded float network's decoder quantized in place from its own weights (one layer's float
+    weight freed as the next is quantized), ready to run. Loading quantized is the memory-lean way;
+    this serves benchmarks that compare both on the same numbers."""
+    check_fits(network, config)
+    decoder = network.language_model
+    parents = [(parent, config) for layer in decoder.model.layers for parent in (layer.self_attn, layer.mlp)]
+    for parent, scheme in [*parents, *([(decoder, HEAD)] if decoder.lm_head is not None else [])]:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                layer = QuantizedLinear.from_float(child, scheme, dtype)
+                layer.prepare()
+                setattr(parent, name, layer)
+    return network
+
+
 def _like(linear: nn.Linear, config: QuantConfig, dtype: torch.dtype) -> QuantizedLinear:
     return QuantizedLinear(linear.in_features, linear.out_features, config, linear.bias is not None, dtype,
                            linear.weight.device)
@@ -328,11 +385,11 @@ def choose(requested: QuantConfig | None, saved: QuantConfig | None) -> QuantCon
 
 
 def parse(value: str | QuantConfig | None, group_size: int | None = None) -> QuantConfig | None:
-    """``"int8"`` / ``"int4"`` (and a group size) -> QuantConfig; None stays None."""
+    """``"int8"`` / ``"int4"`` (and a group size) / ``"fp8"`` -> QuantConfig; None stays None."""
     if value is None or isinstance(value, QuantConfig):
         if group_size is not None and value is None:
             raise ValueError("a group size needs quantization int4")
         return value
-    if value == "int8" and group_size is not None:
-        raise ValueError("a group size applies to int4 only (int8 has one scale per output channel)")
+    if value in ("int8", "fp8") and group_size is not None:
+        raise ValueError(f"a group size applies to int4 only ({value} has one scale per output channel)")
     return QuantConfig(value, group_size or 128)  # type: ignore[arg-type]
