@@ -9,7 +9,10 @@ Q8_0/Q4_K_M warm-up on such a machine). Writes a mid-size random checkpoint (a Q
 decoder with the real 151,936-word vocabulary, a 1280-wide 4-layer encoder), converts it with
 llama.cpp's ``convert_hf_to_gguf.py`` (text in f32, ``--mmproj`` for the audio side), quantizes it to
 Q8_0 and Q4_K_M, and times the pairs f32/ours float32, Q8_0/ours int8, Q4_K_M/ours int4 on a 10 s
-clip to 64 new tokens (greedy, end token ignored). llama.cpp pads every clip to a 30 s window, so
+clip to 64 new tokens (greedy, end token ignored), each side timed by its own clock: llama.cpp's
+``--perf`` figures (audio encoding, then prompt eval, which includes decoding the audio tokens into
+the context; decode rate from its eval time), ours from the request's submission. Needs
+``sentencepiece`` for llama.cpp's converter. llama.cpp pads every clip to a 30 s window, so
 ours also runs the clip padded to 30 s: the row with equal prompt length.
 """
 
@@ -102,6 +105,18 @@ def _sdist_source(work: pathlib.Path) -> pathlib.Path:
     return sorted(work.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
 
 
+def legacy_names(checkpoint: pathlib.Path) -> None:
+    """Rename the tensors to the official checkpoints' layout (SPEC.md section 2): transformers 5.x
+    saves its in-memory names, which llama.cpp's converter does not map."""
+    from safetensors.torch import load_file, save_file
+
+    from qwen2audio.model.weights import canonical_name
+
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    save_file({canonical_name(name): tensor for name, tensor in tensors.items()}, path, metadata={"format": "pt"})
+
+
 def ggufs(checkpoint: pathlib.Path, source: pathlib.Path, bins: pathlib.Path, work: pathlib.Path
           ) -> dict[str, pathlib.Path]:
     """The text model in f32, Q8_0 and Q4_K_M, and the audio projector (key "mmproj")."""
@@ -126,21 +141,21 @@ def run_llama(bins: pathlib.Path, model: pathlib.Path, mmproj: pathlib.Path, cli
     """One llama-mtmd-cli run; its own timings: audio encode + decode into the context + prompt
     eval until the first token, and its decode rate."""
     command = [str(bins / "llama-mtmd-cli"), "-m", str(model), "--mmproj", str(mmproj), "--audio", str(clip),
-               "-p", QUESTION, "-n", str(new_tokens), "-t", "2", "--temp", "0", "--ignore-eos", "-c", "4096"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+               "-p", QUESTION, "-n", str(new_tokens), "-t", "2", "--temp", "0", "--ignore-eos", "-c", "4096",
+               "--perf", "-lv", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=1800)
     log = done.stdout + done.stderr
     if done.returncode:
         raise RuntimeError(f"llama-mtmd-cli failed:\n{log[-3000:]}")
-    encoded = sum(float(x) for x in re.findall(r"(?:audio|image) slice encoded in (\d+) ms", log))
-    decoded = sum(float(x) for x in re.findall(r"(?:audio|image) decoded \(batch \d+/\d+\) in (\d+) ms", log))
+    encoded = sum(float(x) for x in re.findall(r"mtmd batch encoding done in (\d+) ms", log))
     prompt = re.search(r"prompt eval time =\s+([\d.]+) ms /\s+(\d+) tokens", log)
     decode = re.search(r"\s eval time =\s+([\d.]+) ms /\s+(\d+) runs", log)
-    tokens = re.findall(r"(\d+) tokens", log[log.find("prompt eval"):]) if prompt else []
-    media_tokens = re.search(r"n_tokens\s*=\s*(\d+)", log)
-    return {"ttft_s": (encoded + decoded + float(prompt.group(1))) / 1000,
+    if not (encoded and prompt and decode):
+        raise RuntimeError(f"no timings in llama-mtmd-cli's log:\n{log[-3000:]}")
+    # The prompt eval covers the audio tokens decoded into the context and the text around them.
+    return {"ttft_s": (encoded + float(prompt.group(1))) / 1000,
             "decode_tok_s": int(decode.group(2)) / float(decode.group(1)) * 1000,
-            "prompt_tokens": int(prompt.group(2)) + (int(media_tokens.group(1)) if media_tokens else 0),
-            "raw_tokens": tokens[:1]}
+            "prompt_tokens": int(prompt.group(2))}
 
 
 def run_ours(checkpoint: pathlib.Path, scheme: str, clip: pathlib.Path, new_tokens: int, pad: bool) -> dict:
@@ -167,6 +182,7 @@ def main() -> None:
         from checkpoints import build_checkpoint
 
         build_checkpoint(checkpoint, real_vocab=True, text_dims=TEXT, audio_dims=AUDIO, tokenizer_json=True)
+        legacy_names(checkpoint)
     files = ggufs(checkpoint, source, bins, args.work)
     speech, rate = soundfile.read(SPEECH, dtype="float32")
     clip = args.work / "clip-10s.wav"
