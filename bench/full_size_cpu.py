@@ -70,7 +70,7 @@ first_t, first_n = times[0]
 last_t, last_n = times[-1]
 print(json.dumps({"scheme": scheme, "load_s": load_s, "prompt_tokens": output.prompt_tokens,
                   "ttft_s": first_t - start, "decode_tok_s": (last_n - first_n) / (last_t - first_t),
-                  "tokens": last_n, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "tokens": last_n, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
 
@@ -185,7 +185,8 @@ def main() -> None:
     base = results.get("bfloat16", {}).get("decode_tok_s")
     for scheme, r in results.items():
         ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
-        print(f"| {scheme} | {r['peak_rss_gb']:.1f} GB | {r['load_s']:.0f} s | {r['ttft_s']:.1f} s "
+        rss = r["peak_rss_gib"]
+        print(f"| {scheme} | {rss:.2f} GiB = {rss * 2**30 / 1e9:.2f} GB | {r['load_s']:.0f} s | {r['ttft_s']:.1f} s "
               f"({r['prompt_tokens']} prompt tokens) | {r['decode_tok_s']:.2f} | {ratio} |")
 
 
