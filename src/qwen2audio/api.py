@@ -68,7 +68,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: boo
 
 
 def _native_bf16() -> bool:
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
 
 
 def parse_quantization(value: str | quant.QuantConfig | None, group_size: int | None = None
@@ -78,6 +79,22 @@ def parse_quantization(value: str | quant.QuantConfig | None, group_size: int | 
         return quant.parse(value, group_size)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def _meta_network(config: ModelConfig, backend: Any, dtype: torch.dtype, scheme: quant.QuantConfig | None
+                  ) -> Qwen2AudioForConditionalGeneration:
+    """The network on the meta device in ``dtype``, its decoder's linear layers quantized ones if asked."""
+    with torch.device("meta"):
+        network = Qwen2AudioForConditionalGeneration(config, backend)
+    network = network.to(dtype=dtype)
+    if scheme is not None:
+        try:
+            quant.check_fits(network, scheme)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        swapped = quant.quantize_layers(network, scheme, dtype)
+        logger.info("%d decoder layers stored as %s", swapped, scheme.describe())
+    return network
 
 
 def _check_device(scheme: quant.QuantConfig | None, device: torch.device) -> None:
@@ -252,17 +269,7 @@ class Qwen2Audio:
         started = time.perf_counter()
         backend = choose_backend(config.text, target, torch_dtype, options.kernels, options.cpu_onednn,
                                  kv_cache_dtype(options.kv_cache_dtype, torch_dtype))
-        with torch.device("meta"):
-            network = Qwen2AudioForConditionalGeneration(config, backend)
-        network = network.to(dtype=torch_dtype)
-        if scheme is not None:
-            try:
-                quant.check_fits(network, scheme)
-            except ValueError as exc:
-                raise InputError(str(exc)) from None
-            swapped = quant.quantize_layers(network, scheme, torch_dtype)
-            logger.info("%d decoder layers stored as %s", swapped, scheme.describe())
-        network = network.to_empty(device=target)
+        network = _meta_network(config, backend, torch_dtype, scheme).to_empty(device=target)
         network.eval().requires_grad_(False)
         load_weights(network, directory, progress=progress)
         prepare_network(network)

@@ -64,7 +64,7 @@ def _load_model(args: argparse.Namespace) -> Any:
 
 
 def _quantization_label(args: argparse.Namespace) -> str | None:
-    from qwen2audio.api import parse_quantization
+    from qwen2audio import parse_quantization
 
     scheme = parse_quantization(args.quantization, args.quantization_group_size)
     return scheme.label() if scheme else None
@@ -212,7 +212,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize while loading, then write codes, scales and the untouched tensors."""
-    from qwen2audio.quantize import quantize_checkpoint
+    from qwen2audio import quantize_checkpoint
 
     target = quantize_checkpoint(args.model, args.output, args.quantization, args.quantization_group_size,
                                  progress=not args.quiet)

@@ -31,8 +31,11 @@ def device_problem(scheme: str, device: torch.device, capability: tuple[int, int
     """Why ``scheme`` cannot run on ``device`` (None: it can). ``capability`` and ``int8_kernel``
     default to the device's own (given explicitly in tests)."""
     if device.type == "cpu":
-        return "fp8 weights need an NVIDIA GPU of compute capability 8.9 or newer; on a CPU use int8 or int4" \
-            if scheme == "fp8" else None
+        if scheme == "fp8":
+            return "fp8 weights need an NVIDIA GPU of compute capability 8.9 or newer; on a CPU use int8 or int4"
+        if scheme == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return f"int4 weights on a CPU need torch 2.6 or newer (this is {torch.__version__}): use int8"
+        return None
     capability = capability or torch.cuda.get_device_capability(device)
     if capability < NEEDS[scheme]:
         need = ".".join(map(str, NEEDS[scheme]))
