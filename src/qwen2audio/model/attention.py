@@ -93,8 +93,9 @@ def decode_attention(query: torch.Tensor, cache: KVCache, meta: AttentionMetadat
     longest = max(meta.context_lens[meta.num_prefills:])
     tables = meta.block_tables[meta.num_prefills:, : -(-longest // block_size)]  # [D, B]
     if query.device.type == "cpu":
-        return _decode_attention_cpu(query, _gather(k_cache, tables, torch.float32).flatten(1, 2),
-                                     _gather(v_cache, tables, torch.float32).flatten(1, 2), meta.decode_context_lens)
+        keys = _gather(k_cache, tables, torch.float32).flatten(1, 2)  # [D, L, KVH, d]
+        values = _gather(v_cache, tables, torch.float32).flatten(1, 2)
+        return _decode_attention_cpu(query, keys, values, meta.decode_context_lens)
     keys = _gather(k_cache, tables, query.dtype).flatten(1, 2).transpose(1, 2)  # [D, KVH, B * block, d]
     values = _gather(v_cache, tables, query.dtype).flatten(1, 2).transpose(1, 2)
     visible = torch.arange(keys.shape[2], device=query.device)[None, :] < meta.decode_context_lens[:, None]
@@ -107,15 +108,16 @@ def decode_attention(query: torch.Tensor, cache: KVCache, meta: AttentionMetadat
 
 def _decode_attention_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
                           ) -> torch.Tensor:
-    """query [D, H, d], keys/values [D, L, KVH, d] in float32 -> [D, H, d]: two float32 batched
-    products. torch's CPU SDPA is slow for one query row (6.9 ms for 800 keys x 32 heads in bf16,
-    against 0.8 ms here: bench/RESULTS.md), and bf16 products with one row are slower still."""
+    """query [D, H, d], keys/values [D, L, KVH, d] in float32, row r's first ``lengths[r]`` keys
+    visible -> [D, H, d]: two float32 batched products. torch's CPU SDPA is slow for one query row
+    (6.9 ms for 800 keys x 32 heads in bf16, against 0.8 ms here: bench/RESULTS.md), and bf16
+    products with one row are slower still."""
     batch, heads, dim = query.shape
     kv_heads = keys.shape[2]
-    q = query.view(batch, kv_heads, heads // kv_heads, dim).float()  # query heads grouped by their KV head
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * dim**-0.5  # [D, KVH, G, L]
-    visible = torch.arange(keys.shape[1], device=query.device)[None, :] < lengths[:, None]  # [D, L]
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim).float() * dim**-0.5  # heads grouped by KV head
+    scores = torch.matmul(q, keys.permute(0, 2, 3, 1))  # [D, KVH, G, L]
+    hidden = torch.arange(keys.shape[1], device=query.device)[None, :] >= lengths[:, None]  # [D, L]
+    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
     out = torch.matmul(scores.softmax(-1), values.transpose(1, 2))  # [D, KVH, G, d]
     return out.reshape(batch, heads, dim).to(query.dtype)
 

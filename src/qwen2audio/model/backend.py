@@ -54,7 +54,8 @@ class EagerOps:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv [N, (H + 2 KVH) d] -> rotated q [N, H, d], k, v [N, KVH, d]; k and v stored at ``slots``."""
         q, k, v = _split_heads(qkv, heads, kv_heads)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qk = apply_rotary(qkv[:, : (heads + kv_heads) * q.shape[-1]].view(-1, heads + kv_heads, q.shape[-1]), *rope)
+        q, k = qk[:, :heads], qk[:, heads:]  # one rotation for both: half the small ops of a decode step
         if cache is not None:
             write_cache(k, v, slots, cache)
         return q, k, v

@@ -91,6 +91,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.bfloat16, **store))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scale: torch.Tensor | None = None
         self._cpu_layout = False  # int4 codes repacked in place for torch's CPU kernel (see prepare)
         self._cuda_layout = False  # int4 codes replaced by tinygemm's packing (see prepare)
 
@@ -120,7 +121,7 @@ class QuantizedLinear(nn.Module):
             self._cpu_layout = False
         for start, rows in pieces():
             self._quantize_rows(start, rows.to(self.qweight.device, torch.float32) / self.input_scale.float())
-        self._kernel = None
+        self._kernel = self._scale = None
 
     def _quantize_rows(self, start: int, weight: torch.Tensor) -> None:
         """Codes, scales (and zeros) of rows ``start:`` from their float values divided by s."""
@@ -182,7 +183,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        x = x.to(self.dtype) * self.input_scale.to(self.dtype)
+        x = (x if x.dtype == self.dtype else x.to(self.dtype)) * self._activation_scale()
         if x.device.type == "cuda":
             return self._cuda_forward(x, rows)
         if rows > DECODE_ROWS or not self._kernel_fits():
@@ -206,6 +207,12 @@ class QuantizedLinear(nn.Module):
         for start in range(0, self.out_features, step):
             out[..., start:start + step] = self._slice_linear(x, slice(start, start + step))
         return out
+
+    def _activation_scale(self) -> torch.Tensor:
+        """``input_scale`` in the compute dtype, converted once (a decode step runs ~100 such layers)."""
+        if self._scale is None or self._scale.device != self.input_scale.device:
+            self._scale = self.input_scale.to(self.dtype)
+        return self._scale
 
     def _cuda_forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """See model/quant_cuda.py: tinygemm (int4), torch's int8 kernel for decode rows, fp8 GEMM."""
