@@ -6,6 +6,9 @@ against the unquantized one (logits and greedy tokens)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +22,6 @@ from qwen2audio.model.quant import (
     DECODE_ROWS,
     QuantConfig,
     QuantizedLinear,
-    cpu_int4_layout,
     pack_int4,
     unpack_int4,
 )
@@ -93,11 +95,36 @@ def test_the_input_scale_takes_outlier_channels_out_of_the_rows(monkeypatch):
         assert folded < at_most and folded < 0.8 * plain, (config, folded, plain)
 
 
-def test_our_int4_layout_is_torchs():
-    codes = torch.randint(0, 16, (128, 256), dtype=torch.uint8)
-    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
-    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    assert torch.equal(cpu_int4_layout(pack_int4(codes)), expected.view(torch.uint8).reshape(128, 128))
+INT4_LAYOUT_CHECK = """
+import torch
+from qwen2audio.model.quant import (QuantConfig, QuantizedLinear, cpu_int4_codes, cpu_int4_format,
+                                    cpu_int4_layout, pack_int4)
+layout = cpu_int4_format()
+codes = torch.randint(0, 16, (192, 256), dtype=torch.uint8)
+expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1).view(torch.uint8)
+assert torch.equal(cpu_int4_layout(pack_int4(codes), layout), expected.reshape(192, 128))
+assert torch.equal(cpu_int4_codes(expected.reshape(192, 128), layout), codes)
+layer = QuantizedLinear.from_float(torch.nn.Linear(256, 192), QuantConfig("int4", 64), torch.float32)
+layer.prepare()
+x = torch.randn(1, 256)
+reference = torch.nn.functional.linear(x, layer.dequantized(), layer.bias)
+assert layer._cpu_layout and ((layer(x) - reference).abs().max() / reference.abs().max()) < 1e-5
+print(torch.backends.cpu.get_cpu_capability(), layout)
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx512", "avx2", "default"])
+def test_our_int4_layout_is_torchs_on_each_cpu_build(capability):
+    """torch's CPU int4 kernel reads a different layout per CPU build; each is found and used right
+    (ATEN_CPU_CAPABILITY picks the build's kernels, as a CPU without AVX-512 or AVX2 would)."""
+    assert torch.equal(unpack_int4(pack_int4(codes := torch.randint(0, 16, (8, 64), dtype=torch.uint8))), codes)
+    if capability == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    done = subprocess.run([sys.executable, "-c", INT4_LAYOUT_CHECK], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == capability.upper()
 
 
 def test_pieces_in_any_order_and_dtype_equal_the_whole():

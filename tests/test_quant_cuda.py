@@ -65,3 +65,10 @@ def test_fp8_layer_against_its_hand_dequantized_weight():
     with torch.inference_mode():
         assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
     assert ((weight - linear.weight.double()).abs() <= linear.weight.double().abs() / 8 + 1e-4).all()
+
+
+def test_quantizing_from_host_rows_onto_another_device():
+    """A loader streams a checkpoint's rows from host memory into layers on the GPU (meta stands in)."""
+    layer = QuantizedLinear(64, 32, QuantConfig("int8"), device="meta")
+    layer.quantize_from(lambda: [(0, torch.randn(32, 64))])
+    assert layer.qweight.device.type == "meta"

@@ -25,6 +25,7 @@ would take 2.6 GB in float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -42,7 +43,7 @@ GROUP_SIZES = (32, 64, 128)
 DECODE_ROWS = 16  # at most this many rows take the integer kernels; more dequantize for a GEMM
 _DEQUANT_ELEMENTS = 2**22  # a prefill GEMM dequantizes at most this many weights at a time
 EQUALIZE_POWER = 0.5
-_BLOCK_N = 64  # torch's CPU int4 kernel packs rows in blocks of 64
+_BLOCK_N = 64  # prefill slices of rows are whole blocks of every CPU int4 layout
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,8 @@ class QuantizedLinear(nn.Module):
         row before any code is chosen), so a loader can stream the rows from the file twice instead
         of holding the whole float weight: only one piece at a time is ever in floating point."""
         column_max = torch.zeros(self.in_features, device=self.qweight.device)
-        for _, rows in pieces():
-            torch.maximum(column_max, rows.abs().amax(dim=0).float(), out=column_max)
+        for _, rows in pieces():  # rows may be host slices of a checkpoint while the layer is on a GPU
+            torch.maximum(column_max, rows.to(column_max.device).abs().amax(dim=0).float(), out=column_max)
         scale = column_max.clamp(min=1e-12) ** EQUALIZE_POWER
         self.input_scale.copy_(scale / scale.log().mean().exp())
         if self.config.scheme == "int4":
@@ -151,7 +152,7 @@ class QuantizedLinear(nn.Module):
         if self._cuda_layout:
             raise RuntimeError("these int4 codes are held in tinygemm's GPU layout only: load the checkpoint on the "
                                "CPU to read or save them")
-        return cpu_int4_codes(self.qweight) if self._cpu_layout else unpack_int4(self.qweight)
+        return cpu_int4_codes(self.qweight, cpu_int4_format()) if self._cpu_layout else unpack_int4(self.qweight)
 
     def saved_qweight(self) -> torch.Tensor:
         """``qweight`` in the documented (saved) layout, whichever layout it is held in."""
@@ -166,7 +167,7 @@ class QuantizedLinear(nn.Module):
         if self.config.scheme != "int4":
             return self.qweight[rows].to(dtype) * self.scales[rows].to(dtype)[:, None]
         packed = self.qweight[rows]  # in the CPU layout, row slices on 64-row blocks stay whole blocks
-        codes = cpu_int4_codes(packed) if self._cpu_layout else unpack_int4(packed)
+        codes = cpu_int4_codes(packed, cpu_int4_format()) if self._cpu_layout else unpack_int4(packed)
         groups = codes.to(dtype).reshape(codes.shape[0], -1, self.config.group_size)
         scales = self.scales[rows].float()
         low = (self.zeros[rows].float() - 8 * scales).to(dtype)  # (q - 8) * scale + zero = q * scale + low
@@ -222,7 +223,7 @@ class QuantizedLinear(nn.Module):
             out = quant_cuda.int4_linear(x, packed, self.config.group_size, scales)
         elif self.config.scheme == "fp8":
             return quant_cuda.fp8_linear(x, packed, scales, self.bias)
-        elif rows <= DECODE_ROWS:
+        elif rows <= DECODE_ROWS and quant_cuda.has_int8_kernel(x.device):
             flat = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features), packed, scales)
             out = flat.reshape(*x.shape[:-1], self.out_features)
         else:
@@ -231,7 +232,8 @@ class QuantizedLinear(nn.Module):
 
     def _kernel_fits(self) -> bool:
         return self.dtype in (torch.float32, torch.bfloat16) and (
-            self.config.scheme == "int8" or (self.config.scheme == "int4" and self.out_features % _BLOCK_N == 0))
+            self.config.scheme == "int8"
+            or (self.config.scheme == "int4" and self.out_features % _BLOCK_N == 0 and cpu_int4_format() is not None))
 
     def prepare(self) -> None:
         """After loading: put the codes in the layout the kernels read now, not on the first decode
@@ -257,7 +259,7 @@ class QuantizedLinear(nn.Module):
                 self._kernel = self.qweight, self.scales.to(self.dtype)
             else:
                 if not self._cpu_layout:  # replaced, not copied: the codes are most of the memory
-                    self.qweight = cpu_int4_layout(self.qweight)
+                    self.qweight = cpu_int4_layout(self.qweight, cpu_int4_format())
                     self._cpu_layout = True
                 self._kernel = self.qweight, quant_cuda.scales_and_zeros(self.scales, self.zeros, self.dtype)
         return self._kernel
@@ -283,21 +285,43 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
-def cpu_int4_codes(kernel: torch.Tensor) -> torch.Tensor:
-    """The codes [out, in] held in the layout of ``cpu_int4_layout``."""
-    rows, half = kernel.shape
-    blocks = kernel.reshape(rows // _BLOCK_N, half * 2, _BLOCK_N // 2)  # [block, input, row in half-block]
-    codes = torch.stack([blocks & 15, blocks >> 4], dim=1)  # [block, half, input, row]
-    return codes.permute(0, 1, 3, 2).reshape(rows, half * 2)
+# The layouts torch's _convert_weight_to_int4pack_for_cpu writes, by CPU build (measured with
+# ATEN_CPU_CAPABILITY=avx512/avx2/default): blocks of rows, and within a block, for each input, a byte
+# per pair of rows: row r with row r + block / 2 ("halves") or row 2j with 2j + 1 ("neighbours").
+CPU_INT4_FORMATS = ((64, "halves"), (32, "halves"), (32, "neighbours"))
 
 
-def cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
-    """Row-major nibbles -> the layout of ``_convert_weight_to_int4pack_for_cpu``: blocks of 64 rows,
-    and within a block, for each input, 32 bytes holding row r (low nibble) and row r + 32 (high)."""
+@functools.cache
+def cpu_int4_format() -> tuple[int, str] | None:
+    """The (block, pairing) this torch build's CPU int4 kernel reads, found by packing a probe with
+    torch's own converter; None: an unknown layout (int4 then decodes through the dequantized GEMM)."""
+    probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
+    for layout in CPU_INT4_FORMATS:
+        if torch.equal(cpu_int4_layout(pack_int4(probe), layout), expected.view(torch.uint8).reshape(128, 32)):
+            return layout
+    return None
+
+
+def cpu_int4_layout(packed: torch.Tensor, layout: tuple[int, str]) -> torch.Tensor:
+    """Row-major nibbles [out, in / 2] -> torch's CPU kernel layout ``layout`` (block, pairing)."""
+    block, pairing = layout
     codes = unpack_int4(packed)
     rows, cols = codes.shape
-    blocks = codes.reshape(rows // _BLOCK_N, 2, _BLOCK_N // 2, cols).permute(0, 3, 2, 1)
-    return (blocks[..., 0] | (blocks[..., 1] << 4)).reshape(rows, cols // 2).contiguous()
+    blocks = codes.reshape(rows // block, block, cols)
+    low, high = (blocks[:, : block // 2], blocks[:, block // 2:]) if pairing == "halves" else \
+        (blocks[:, 0::2], blocks[:, 1::2])
+    return (low | (high << 4)).permute(0, 2, 1).reshape(rows, cols // 2).contiguous()
+
+
+def cpu_int4_codes(kernel: torch.Tensor, layout: tuple[int, str]) -> torch.Tensor:
+    """The codes [out, in] held in torch's CPU kernel layout ``layout`` (the inverse of the above)."""
+    block, pairing = layout
+    rows, half = kernel.shape
+    pairs = kernel.reshape(rows // block, half * 2, block // 2).permute(0, 2, 1)  # [block, row pair, input]
+    low, high = pairs & 15, pairs >> 4
+    codes = torch.cat([low, high], dim=1) if pairing == "halves" else torch.stack([low, high], dim=2)
+    return codes.reshape(rows, half * 2)
 
 
 def _bf16_exact(values: torch.Tensor) -> torch.Tensor:

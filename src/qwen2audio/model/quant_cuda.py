@@ -42,14 +42,16 @@ def device_problem(scheme: str, device: torch.device, capability: tuple[int, int
         have = ".".join(map(str, capability))
         return f"{scheme} weights need a GPU of compute capability {need} or newer; this one is {have}" + (
             ": use int8 or int4" if scheme == "fp8" and capability >= (8, 0) else "")
-    if scheme == "int8" and not (int8_kernel if int8_kernel is not None else _has_cuda_int8_kernel(device)):
+    if scheme == "int8" and not (int8_kernel if int8_kernel is not None else has_int8_kernel(device)):
         return (f"torch {torch.__version__} has no CUDA kernel for int8 weights (_weight_int8pack_mm): "
                 f"use int4 or fp8 on this GPU")
     return None
 
 
 @functools.cache
-def _has_cuda_int8_kernel(device: torch.device) -> bool:
+def has_int8_kernel(device: torch.device) -> bool:
+    """Whether this torch build runs ``_weight_int8pack_mm`` on ``device`` (a CUDA device). Without
+    it, int8 decoders are refused; the int8 output layer of the other schemes takes the GEMM path."""
     try:
         torch.ops.aten._weight_int8pack_mm(torch.zeros(1, 32, dtype=torch.bfloat16, device=device),
                                            torch.zeros(32, 32, dtype=torch.int8, device=device),
@@ -91,8 +93,9 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scales: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ (weight [N, K] e4m3 * weight_scales [1, N] float32)^T on the fp8 tensor cores."""
+    """x [..., K] @ (weight [N, K] e4m3 * weight_scales [1, N] float32)^T on the fp8 tensor cores.
+    Row-wise scaled products only output bf16 (torch's CUTLASS path), so other dtypes convert."""
     flat, scales = fp8_rows(x.reshape(-1, x.shape[-1]))
-    out = torch._scaled_mm(flat, weight.t(), scale_a=scales, scale_b=weight_scales, bias=bias,
-                           out_dtype=x.dtype)
-    return out.reshape(*x.shape[:-1], -1)
+    out = torch._scaled_mm(flat, weight.t(), scale_a=scales, scale_b=weight_scales,
+                           bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+    return out.to(x.dtype).reshape(*x.shape[:-1], -1)

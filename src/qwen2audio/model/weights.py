@@ -37,8 +37,8 @@ _DTYPES = {
 }
 _MAX_HEADER = 100 * 1024 * 1024
 _READERS = min(4, os.cpu_count() or 1)
-_PIECE_BYTES = 16 * 2**20
-_EMBEDDING = "language_model.model.embed_tokens.weight"  # a quantized layer's float rows are read this much at a time
+_PIECE_BYTES = 16 * 2**20  # a quantized layer's float rows are read this much at a time
+_EMBEDDING = "language_model.model.embed_tokens.weight"  # mapped from the file where it can be (_map_into)
 
 # Newer transformers keep other names in memory; checkpoints may carry any of these layouts
 # (transformers 5.15 writes the decoder as "language_model.model.model.*").
@@ -159,9 +159,9 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
     params = _targets(model, entries)
     tied = getattr(model.config, "tie_word_embeddings", False)
     plan = _plan(params, entries, tied=tied)
-    total = sum(entry.nbytes for _, _, entry in plan)
     if not tied:
         plan = [item for item in plan if not (item[0] == _EMBEDDING and _map_into(params[_EMBEDDING], item[2]))]
+    total = sum(entry.nbytes for _, _, entry in plan)
     scratch = _Scratch()
     ordered = list(_ordered(plan))
     quantizing: dict[QuantizedLinear, list[tuple[int, TensorEntry]]] = {}
