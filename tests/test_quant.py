@@ -108,7 +108,7 @@ layer = QuantizedLinear.from_float(torch.nn.Linear(256, 192), QuantConfig("int4"
 layer.prepare()
 x = torch.randn(1, 256)
 reference = torch.nn.functional.linear(x, layer.dequantized(), layer.bias)
-assert layer._cpu_layout and ((layer(x) - reference).abs().max() / reference.abs().max()) < 1e-5
+assert layer._layout == "cpu" and ((layer(x) - reference).abs().max() / reference.abs().max()) < 1e-5
 print(torch.backends.cpu.get_cpu_capability(), layout)
 """
 
@@ -239,4 +239,4 @@ def test_prefill_in_row_slices_and_after_repacking(monkeypatch, config):
         sliced = layer(x)
     assert torch.allclose(whole, sliced, rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.saved_qweight(), saved)
-    assert layer._cpu_layout == (config.scheme == "int4")
+    assert (layer._layout == "cpu") == (config.scheme == "int4")

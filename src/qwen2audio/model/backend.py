@@ -53,9 +53,10 @@ class EagerOps:
         cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv [N, (H + 2 KVH) d] -> rotated q [N, H, d], k, v [N, KVH, d]; k and v stored at ``slots``."""
-        q, k, v = _split_heads(qkv, heads, kv_heads)
-        qk = apply_rotary(qkv[:, : (heads + kv_heads) * q.shape[-1]].view(-1, heads + kv_heads, q.shape[-1]), *rope)
-        q, k = qk[:, :heads], qk[:, heads:]  # one rotation for both: half the small ops of a decode step
+        head_dim = qkv.shape[-1] // (heads + 2 * kv_heads)
+        qk, v = qkv.split([(heads + kv_heads) * head_dim, kv_heads * head_dim], dim=-1)
+        qk = apply_rotary(qk.view(-1, heads + kv_heads, head_dim), *rope)  # q and k in one rotation
+        q, k, v = qk[:, :heads], qk[:, heads:], v.view(-1, kv_heads, head_dim)
         if cache is not None:
             write_cache(k, v, slots, cache)
         return q, k, v

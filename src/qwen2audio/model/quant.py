@@ -91,10 +91,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16, **store))
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.bfloat16, **store))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._layout = "rows"  # int4 codes: as saved, or repacked in place for the CPU kernel / tinygemm
+        self._prepared = False  # see prepare
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scale: torch.Tensor | None = None
-        self._cpu_layout = False  # int4 codes repacked in place for torch's CPU kernel (see prepare)
-        self._cuda_layout = False  # int4 codes replaced by tinygemm's packing (see prepare)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, dtype: torch.dtype = torch.bfloat16
@@ -117,12 +117,13 @@ class QuantizedLinear(nn.Module):
             torch.maximum(column_max, rows.to(column_max.device).abs().amax(dim=0).float(), out=column_max)
         scale = column_max.clamp(min=1e-12) ** EQUALIZE_POWER
         self.input_scale.copy_(scale / scale.log().mean().exp())
-        if self.config.scheme == "int4":
-            self.qweight = torch.empty_like(self.qweight) if self._cpu_layout else self.qweight
-            self._cpu_layout = False
+        if self._layout != "rows":  # quantized again after prepare: back to the saved layout
+            self.qweight = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8,
+                                       device=self.qweight.device)
+            self._layout = "rows"
         for start, rows in pieces():
             self._quantize_rows(start, rows.to(self.qweight.device, torch.float32) / self.input_scale.float())
-        self._kernel = self._scale = None
+        self._prepared, self._kernel, self._scale = False, None, None
 
     def _quantize_rows(self, start: int, weight: torch.Tensor) -> None:
         """Codes, scales (and zeros) of rows ``start:`` from their float values divided by s."""
@@ -149,14 +150,14 @@ class QuantizedLinear(nn.Module):
         """The codes [out, in] (int8 and fp8 as stored; int4 unpacked, 0..15)."""
         if self.config.scheme != "int4":
             return self.qweight
-        if self._cuda_layout:
+        if self._layout == "cuda":
             raise RuntimeError("these int4 codes are held in tinygemm's GPU layout only: load the checkpoint on the "
                                "CPU to read or save them")
-        return cpu_int4_codes(self.qweight, cpu_int4_format()) if self._cpu_layout else unpack_int4(self.qweight)
+        return cpu_int4_codes(self.qweight, cpu_int4_format()) if self._layout == "cpu" else unpack_int4(self.qweight)
 
     def saved_qweight(self) -> torch.Tensor:
         """``qweight`` in the documented (saved) layout, whichever layout it is held in."""
-        return pack_int4(self.codes()) if self._cpu_layout else self.qweight
+        return pack_int4(self.codes()) if self._layout == "cpu" else self.qweight
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight the codes stand for, [out, in], input scale multiplied back in."""
@@ -167,7 +168,7 @@ class QuantizedLinear(nn.Module):
         if self.config.scheme != "int4":
             return self.qweight[rows].to(dtype) * self.scales[rows].to(dtype)[:, None]
         packed = self.qweight[rows]  # in the CPU layout, row slices on 64-row blocks stay whole blocks
-        codes = cpu_int4_codes(packed, cpu_int4_format()) if self._cpu_layout else unpack_int4(packed)
+        codes = cpu_int4_codes(packed, cpu_int4_format()) if self._layout == "cpu" else unpack_int4(packed)
         groups = codes.to(dtype).reshape(codes.shape[0], -1, self.config.group_size)
         scales = self.scales[rows].float()
         low = (self.zeros[rows].float() - 8 * scales).to(dtype)  # (q - 8) * scale + zero = q * scale + low
@@ -184,13 +185,14 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        x = (x if x.dtype == self.dtype else x.to(self.dtype)) * self._activation_scale()
+        kernel = self.prepare()
+        x = (x if x.dtype == self.dtype else x.to(self.dtype)) * self._scale
         if x.device.type == "cuda":
-            return self._cuda_forward(x, rows)
-        if rows > DECODE_ROWS or not self._kernel_fits():
+            return self._cuda_forward(x, rows, *kernel)
+        if rows > DECODE_ROWS or kernel is None:
             return self._dequantized_linear(x)
         flat = x.reshape(rows, self.in_features)
-        packed, scales = self._kernel_operands()
+        packed, scales = kernel
         if self.config.scheme == "int8":
             out = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
         else:
@@ -209,16 +211,9 @@ class QuantizedLinear(nn.Module):
             out[..., start:start + step] = self._slice_linear(x, slice(start, start + step))
         return out
 
-    def _activation_scale(self) -> torch.Tensor:
-        """``input_scale`` in the compute dtype, converted once (a decode step runs ~100 such layers)."""
-        if self._scale is None or self._scale.device != self.input_scale.device:
-            self._scale = self.input_scale.to(self.dtype)
-        return self._scale
-
-    def _cuda_forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+    def _cuda_forward(self, x: torch.Tensor, rows: int, packed: torch.Tensor, scales: torch.Tensor
+                      ) -> torch.Tensor:
         """See model/quant_cuda.py: tinygemm (int4), torch's int8 kernel for decode rows, fp8 GEMM."""
-        self.prepare()
-        packed, scales = self._kernel
         if self.config.scheme == "int4":
             out = quant_cuda.int4_linear(x, packed, self.config.group_size, scales)
         elif self.config.scheme == "fp8":
@@ -230,38 +225,30 @@ class QuantizedLinear(nn.Module):
             return self._dequantized_linear(x)
         return out + self.bias if self.bias is not None else out
 
-    def _kernel_fits(self) -> bool:
-        return self.dtype in (torch.float32, torch.bfloat16) and (
-            self.config.scheme == "int8"
-            or (self.config.scheme == "int4" and self.out_features % _BLOCK_N == 0 and cpu_int4_format() is not None))
-
-    def prepare(self) -> None:
-        """After loading: put the codes in the layout the kernels read now, not on the first decode
-        step (int4 repacks every code: seconds for the 7B)."""
-        if self._kernel is not None:
-            return
+    def prepare(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kernel's operands (codes and scales in its layout; None: no kernel, the GEMM path),
+        made once: called when the model loads, so int4's repacking of every code (seconds for the
+        7B) happens then and not on the first decode step."""
+        if self._prepared:
+            return self._kernel
+        self._scale = self.input_scale.to(self.dtype)
         if self.qweight.device.type == "cuda":
             if self.config.scheme == "int4":  # replaced, not copied: the codes are most of the memory
                 self.qweight, sz = quant_cuda.int4_operands(self.qweight, self.scales, self.zeros)
-                self._cuda_layout = True
+                self._layout = "cuda"
                 self._kernel = self.qweight, sz
-            elif self.config.scheme == "fp8":
-                self._kernel = self.qweight, self.scales.float()[None, :]
             else:
-                self._kernel = self.qweight, self.scales.to(self.dtype)
-        elif self._kernel_fits():
-            self._kernel_operands()
-
-    def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The codes and scales in the layout torch's CPU kernels take, made once after loading."""
-        if self._kernel is None:
-            if self.config.scheme == "int8":
-                self._kernel = self.qweight, self.scales.to(self.dtype)
-            else:
-                if not self._cpu_layout:  # replaced, not copied: the codes are most of the memory
-                    self.qweight = cpu_int4_layout(self.qweight, cpu_int4_format())
-                    self._cpu_layout = True
-                self._kernel = self.qweight, quant_cuda.scales_and_zeros(self.scales, self.zeros, self.dtype)
+                self._kernel = self.qweight, (self.scales.float()[None, :] if self.config.scheme == "fp8"
+                                              else self.scales.to(self.dtype))
+        elif self.dtype not in (torch.float32, torch.bfloat16) or self.config.scheme == "fp8":
+            self._kernel = None
+        elif self.config.scheme == "int8":
+            self._kernel = self.qweight, self.scales.to(self.dtype)
+        elif self.out_features % _BLOCK_N == 0 and cpu_int4_format() is not None:
+            self.qweight = cpu_int4_layout(self.qweight, cpu_int4_format())  # in place of the saved layout
+            self._layout = "cpu"
+            self._kernel = self.qweight, quant_cuda.scales_and_zeros(self.scales, self.zeros, self.dtype)
+        self._prepared = True
         return self._kernel
 
     def extra_repr(self) -> str:
