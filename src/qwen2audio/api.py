@@ -74,7 +74,8 @@ def _native_bf16() -> bool:
 
 def parse_quantization(value: str | quant.QuantConfig | None, group_size: int | None = None
                        ) -> quant.QuantConfig | None:
-    """``"int8"`` or ``"int4"`` (with a group size of 32, 64 or 128) -> its QuantConfig; None: float."""
+    """``"int8"``, ``"int4"`` (with a group size of 32, 64 or 128) or ``"fp8"`` -> its QuantConfig;
+    None: float."""
     try:
         return quant.parse(value, group_size)
     except ValueError as exc:

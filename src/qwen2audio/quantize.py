@@ -14,6 +14,7 @@ import json
 import logging
 import pathlib
 import shutil
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -66,32 +67,38 @@ def _stored_dtype(directory: pathlib.Path) -> torch.dtype:
     raise CheckpointError(f"{directory}: no floating-point tensors")
 
 
-def saved_tensors(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor to write, by name, quantized layers in the documented layout."""
-    tensors = {name: param.detach() for name, param in network.named_parameters()}
+def saved_tensors(network: torch.nn.Module) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
+    """Every tensor to write, by name: its size, and a function giving it in the saved layout (int4
+    codes held in a kernel's layout are converted back one layer at a time, as their shard is
+    written; every layout has the saved one's size)."""
+    tensors = {name: (_nbytes(param), param.detach) for name, param in network.named_parameters()}
     for name, module in network.named_modules():
         if isinstance(module, quant.QuantizedLinear):
             for key, buffer in module.named_buffers(recurse=False):
-                tensors[f"{name}.{key}"] = module.saved_qweight() if key == "qweight" else buffer
+                getter = module.saved_qweight if key == "qweight" else buffer.detach
+                tensors[f"{name}.{key}"] = (_nbytes(buffer), getter)
     return tensors
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _write_weights(network: torch.nn.Module, target: pathlib.Path, progress: bool) -> None:
     tensors = saved_tensors(network)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, (nbytes, _) in tensors.items():
         if size and size + nbytes > SHARD_BYTES:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor.contiguous()
+        shards[-1].append(name)
         size += nbytes
     weight_map = {}
-    for index, shard in enumerate(tqdm(shards, desc="writing shards", disable=not progress)):
-        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, target / name, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, name)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for index, names in enumerate(tqdm(shards, desc="writing shards", disable=not progress)):
+        file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: tensors[name][1]().contiguous() for name in names}, target / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(names, file)
+    total = sum(nbytes for nbytes, _ in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
