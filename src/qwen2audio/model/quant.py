@@ -405,8 +405,9 @@ def choose(requested: QuantConfig | None, saved: QuantConfig | None) -> QuantCon
 def parse(value: str | QuantConfig | None, group_size: int | None = None) -> QuantConfig | None:
     """``"int8"`` / ``"int4"`` (and a group size) / ``"fp8"`` -> QuantConfig; None stays None."""
     if value is None or isinstance(value, QuantConfig):
-        if group_size is not None and value is None:
-            raise ValueError("a group size needs quantization int4")
+        if group_size is not None:
+            raise ValueError("a group size needs quantization int4" if value is None else
+                             "give the group size inside the QuantConfig, not beside it")
         return value
     if value in ("int8", "fp8") and group_size is not None:
         raise ValueError(f"a group size applies to int4 only ({value} has one scale per output channel)")
