@@ -268,7 +268,8 @@ class Qwen2Audio:
         _check_device(scheme, target)
         torch_dtype = resolve_dtype(dtype, target, quantized=scheme is not None)
         started = time.perf_counter()
-        backend = choose_backend(config.text, target, torch_dtype, options.kernels, options.cpu_onednn,
+        onednn = options.cpu_onednn and not options.compile_decode  # the compiler takes plain layers
+        backend = choose_backend(config.text, target, torch_dtype, options.kernels, onednn,
                                  kv_cache_dtype(options.kv_cache_dtype, torch_dtype))
         network = _meta_network(config, backend, torch_dtype, scheme).to_empty(device=target)
         network.eval().requires_grad_(False)

@@ -56,7 +56,8 @@ example:
 def _load_model(args: argparse.Namespace) -> Any:
     from qwen2audio import EngineOptions, Qwen2Audio
 
-    options = EngineOptions(enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
+    options = EngineOptions(enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
+                            compile_decode=args.compile)
     return Qwen2Audio.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet,
                                       engine_options=options, segmentation=args.segmentation,
                                       quantization=args.quantization,
@@ -275,6 +276,9 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="GPU: run decode steps eagerly instead of replaying CUDA graphs")
+    parser.add_argument("--compile", action="store_true",
+                        help="CPU: decode through a torch.compile'd step (faster tokens; compiles once, "
+                             "tens of seconds, when decoding first starts; needs a C++ compiler)")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="KV cache storage: auto (the model's dtype) or fp8 (half the memory and "
                              "decode reads, slightly less exact)")

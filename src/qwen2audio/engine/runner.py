@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qwen2audio.audio.features import FeatureExtractor
+from qwen2audio.engine.compiled_decode import CompiledDecoder
 from qwen2audio.engine.cuda_graphs import StaticDecoder
 from qwen2audio.engine.encoder_cache import EncoderCache
 from qwen2audio.engine.options import EngineOptions
@@ -22,6 +23,7 @@ from qwen2audio.engine.request import Request
 from qwen2audio.engine.scheduler import ScheduledStep
 from qwen2audio.model.attention import AttentionMetadata, KVCache, kv_cache_dtype
 from qwen2audio.model.inputs import Chunk, flatten
+from qwen2audio.model.quant import DECODE_ROWS
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 
 if TYPE_CHECKING:
@@ -86,6 +88,7 @@ class ModelRunner:
         ]
         self.encoder_cache = EncoderCache(options.encoder_cache_bytes)
         self.static = self._static_decoder(options)
+        self.compiled = self._compiled_decoder(options)
 
     def _kv_blocks(self, options: EngineOptions) -> int:
         per_block = kv_bytes_per_block(self.network, self.block_size, self.cache_dtype)
@@ -120,11 +123,26 @@ class ModelRunner:
                 return None
         return static
 
+    def _compiled_decoder(self, options: EngineOptions) -> CompiledDecoder | None:
+        """The torch.compile'd decode step, where asked for (CUDA has its graphs instead)."""
+        if not options.compile_decode or self.static is not None:
+            return None
+        if self.network.backend.onednn:
+            logger.warning("no compiled decode step: the network has oneDNN linear layers (load it with "
+                           "cpu_onednn=False, as compile_decode does)")
+            return None
+        return CompiledDecoder(self.network, self.caches, self.block_size, self.scratch_block,
+                               min(DECODE_ROWS, options.max_running))
+
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> torch.Tensor:
         """Logits [S, vocab] (float32) for step.requests (prefills, then decodes)."""
         if not step.prefills and self.static is not None and self.static.bucket(len(step.decodes)):
             return self.static.execute(step.decodes)
+        if not step.prefills and self.compiled is not None and self.compiled.handles(len(step.decodes)):
+            logits = self.compiled.execute(step.decodes)
+            if logits is not None:
+                return logits
         requests = step.requests
         chunks = self._chunks(step)
         inputs = flatten(chunks, self.device)

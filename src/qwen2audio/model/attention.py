@@ -50,9 +50,22 @@ class AttentionMetadata:
         """Whole prompts with no cache: each sequence attends causally to itself."""
         return cls(list(query_lens), list(query_lens))
 
+    @classmethod
+    def decode(cls, slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> AttentionMetadata:
+        """A step whose every sequence decodes one token, described by tensors alone: what a compiled
+        step takes, so that its batch size and context lengths are sizes, not Python values."""
+        return cls([], [], slots, block_tables, 0, context_lens)
+
     @property
     def num_tokens(self) -> int:
         return sum(self.query_lens)
+
+    def decode_tables(self, block_size: int) -> torch.Tensor:
+        """The decoding sequences' block tables, cut to the longest of their contexts where the host
+        knows it (a step mixing prefills and decodes has its tables as wide as its widest prefill)."""
+        tables = self.block_tables[self.num_prefills:]
+        lengths = self.context_lens[self.num_prefills:]
+        return tables[:, : -(-max(lengths) // block_size)] if lengths else tables
 
 
 DecodeAttention = Callable[[torch.Tensor, KVCache, AttentionMetadata], torch.Tensor]
@@ -81,7 +94,7 @@ def attention(
             k, v = _read_cache(cache, meta.block_tables[index], ctx_len, query.dtype)
         outputs.append(_causal_attention(q, k, v))
         start += q_len
-    if meta.num_prefills < len(meta.query_lens):
+    if start < query.shape[0]:  # the remaining rows decode one token each
         outputs.append((decode or decode_attention)(query[start:], cache, meta))
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
@@ -89,9 +102,7 @@ def attention(
 def decode_attention(query: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
     """One new token per sequence, all sequences in one product: query [D, H, d] -> [D, H, d]."""
     k_cache, v_cache = cache
-    block_size = k_cache.shape[1]
-    longest = max(meta.context_lens[meta.num_prefills:])
-    tables = meta.block_tables[meta.num_prefills:, : -(-longest // block_size)]  # [D, B]
+    tables = meta.decode_tables(k_cache.shape[1])  # [D, B]
     if query.device.type == "cpu":
         keys = _gather(k_cache, tables, torch.float32).flatten(1, 2)  # [D, L, KVH, d]
         values = _gather(v_cache, tables, torch.float32).flatten(1, 2)

@@ -148,8 +148,10 @@ def choose_backend(
     onednn: bool = True, cache_dtype: torch.dtype | None = None,
 ) -> Backend:
     """The Triton kernels if asked (None: on CUDA), see :func:`kernels_backend`; oneDNN linear layers
-    on a CPU whose torch has oneDNN, unless ``onednn`` is False."""
-    use_onednn = onednn and device.type == "cpu" and torch.backends.mkldnn.is_available()
+    for float32 on a CPU whose torch has oneDNN, unless ``onednn`` is False. bfloat16 keeps torch's
+    own layers: they are as fast or faster at every row count (bench/RESULTS.md, low-bit kernels)."""
+    use_onednn = (onednn and device.type == "cpu" and dtype == torch.float32
+                  and torch.backends.mkldnn.is_available())
     wanted = kernels if kernels is not None else device.type == "cuda"
     if not wanted:
         return Backend(EAGER, use_onednn)

@@ -114,7 +114,7 @@ def _engine_options(args: argparse.Namespace) -> EngineOptions:
         kv_cache_bytes=args.kv_cache_memory_bytes, max_batch_tokens=args.max_num_batched_tokens,
         max_running=args.max_num_seqs, max_model_len=args.max_model_len, memory_fraction=args.gpu_memory_utilization,
         enable_prefix_cache=args.enable_prefix_caching, seed=args.seed, enforce_eager=args.enforce_eager,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, compile_decode=args.compile,
     )
 
 
