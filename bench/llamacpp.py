@@ -1,6 +1,6 @@
 """Ours against llama.cpp on one random checkpoint, same clip and question, 2 threads each, interleaved.
 
-    python bench/llamacpp.py [--llama-cpp DIR] [--work /tmp/llamacpp-bench] [--repeats 2]
+    python bench/llamacpp.py [--llama-cpp DIR] [--work /tmp/llamacpp-bench] [--repeats 2] [--compile]
 
 Builds llama.cpp (``llama-mtmd-cli``, ``llama-quantize``) from the source the ``llama-cpp-python``
 sdist carries, unless ``--llama-cpp`` names a directory holding them already built; on a CPU with
@@ -44,18 +44,19 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 OURS = r"""
 import json, sys, time
 import numpy as np, soundfile, torch
-directory, scheme, clip_path, new_tokens, pad = sys.argv[1:6]
+directory, scheme, clip_path, new_tokens, pad, question, compiled = sys.argv[1:8]
 torch.set_num_threads(2)
 from qwen2audio import EngineOptions, Qwen2Audio, SamplingParams
-quantization = None if scheme == "float32" else scheme
-model = Qwen2Audio.from_pretrained(directory, device="cpu", dtype="float32" if scheme == "float32" else "auto",
+quantization = scheme if scheme in ("int8", "int4") else None
+model = Qwen2Audio.from_pretrained(directory, device="cpu", dtype="auto" if quantization else scheme,
                                    progress=False, quantization=quantization,
-                                   engine_options=EngineOptions(enable_prefix_cache=False))
+                                   engine_options=EngineOptions(enable_prefix_cache=False,
+                                                                compile_decode=compiled == "1"))
 clip, rate = soundfile.read(clip_path, dtype="float32")
 if pad == "1":
     clip = np.concatenate([clip, np.zeros(30 * rate - len(clip), np.float32)])
 prompt = model.processor.prepare([{"role": "user", "content": [{"type": "audio", "audio": clip},
-                                                               {"type": "text", "text": sys.argv[6]}]}])
+                                                               {"type": "text", "text": question}]}])
 params = SamplingParams(max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens), temperature=0.0)
 def once():
     times, count = [], 0
@@ -67,7 +68,7 @@ def once():
             times.append((time.perf_counter(), count))
     (t0, n0), (t1, n1) = times[0], times[-1]
     return {"ttft_s": t0 - start, "decode_tok_s": (n1 - n0) / (t1 - t0), "prompt_tokens": output.prompt_tokens}
-once()  # warm-up, as llama.cpp warms up before timing
+once()  # warm-up, as llama.cpp warms up before timing (and, with compile_decode, the compile)
 print(json.dumps({**once(), "dtype": str(model.dtype)}))
 """
 
@@ -158,9 +159,11 @@ def run_llama(bins: pathlib.Path, model: pathlib.Path, mmproj: pathlib.Path, cli
             "prompt_tokens": int(prompt.group(2))}
 
 
-def run_ours(checkpoint: pathlib.Path, scheme: str, clip: pathlib.Path, new_tokens: int, pad: bool) -> dict:
+def run_ours(checkpoint: pathlib.Path, scheme: str, clip: pathlib.Path, new_tokens: int, pad: bool,
+             compiled: bool) -> dict:
     done = subprocess.run([sys.executable, "-c", OURS, str(checkpoint), scheme, str(clip), str(new_tokens),
-                           "1" if pad else "0", QUESTION], capture_output=True, text=True, timeout=1800)
+                           "1" if pad else "0", QUESTION, "1" if compiled else "0"],
+                          capture_output=True, text=True, timeout=1800)
     if done.returncode:
         raise RuntimeError(f"ours failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -173,10 +176,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--pairs", nargs="+", default=[p[0] for p in PAIRS], choices=[p[0] for p in PAIRS])
+    parser.add_argument("--compile", action="store_true",
+                        help="ours decodes through its torch.compile'd step (compiled in the warm-up run)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     bins, source, build = llama_binaries(args.llama_cpp, args.work)
-    print(f"llama.cpp: {build}", flush=True)
+    print(f"llama.cpp: {build}; ours: {'compiled' if args.compile else 'eager'} decode step", flush=True)
     checkpoint = args.work / "checkpoint"
     if not (checkpoint / "config.json").is_file():
         from checkpoints import build_checkpoint
@@ -194,8 +199,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"llama": [], "ours": [], "ours30": []}
         for _ in range(args.repeats):  # interleaved, so drifts in the machine hit both sides
             runs["llama"].append(run_llama(bins, files[kind], files["mmproj"], clip, args.new_tokens))
-            runs["ours"].append(run_ours(checkpoint, scheme, clip, args.new_tokens, pad=False))
-            runs["ours30"].append(run_ours(checkpoint, scheme, clip, args.new_tokens, pad=True))
+            runs["ours"].append(run_ours(checkpoint, scheme, clip, args.new_tokens, False, args.compile))
+            runs["ours30"].append(run_ours(checkpoint, scheme, clip, args.new_tokens, True, args.compile))
         summary = {side: {key: statistics.median(r[key] for r in results) for key in ("ttft_s", "decode_tok_s")}
                    | {"prompt_tokens": results[0]["prompt_tokens"]} for side, results in runs.items()}
         print(json.dumps({"pair": [kind, scheme], **summary}), flush=True)
