@@ -44,9 +44,10 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, soundfile, torch
 directory, scheme, threads, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+compiled = sys.argv[6] == "1"
 torch.set_num_threads(threads)
 from qwen2audio import EngineOptions, Qwen2Audio, SamplingParams
-options = EngineOptions(kv_cache_bytes=2**30, cpu_onednn=False)
+options = EngineOptions(kv_cache_bytes=2**30, cpu_onednn=False, compile_decode=compiled)
 started = time.perf_counter()
 quantization = None if scheme == "bfloat16" else scheme
 model = Qwen2Audio.from_pretrained(directory, device="cpu", dtype="bfloat16", progress=False,
@@ -59,6 +60,13 @@ prompt = model.processor.prepare([{"role": "user", "content": [
 eos = set(model.generation.eos_token_ids)
 params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0)
 engine = model.engine
+compile_s = 0.0
+if compiled:  # a short text request first, so that the compile is not timed as decoding
+    started = time.perf_counter()
+    warm = engine.add_request(model.processor.prepare([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]),
+                              SamplingParams(max_new_tokens=3, min_new_tokens=3, temperature=0.0))
+    list(engine.run({warm}))
+    compile_s = time.perf_counter() - started
 times, count = [], 0
 start = time.perf_counter()
 request = engine.add_request(prompt, params)
@@ -68,7 +76,8 @@ for output in engine.run({request}):
         times.append((time.perf_counter(), count))
 first_t, first_n = times[0]
 last_t, last_n = times[-1]
-print(json.dumps({"scheme": scheme, "load_s": load_s, "prompt_tokens": output.prompt_tokens,
+print(json.dumps({"scheme": scheme, "compiled": compiled, "compile_s": compile_s,
+                  "load_s": load_s, "prompt_tokens": output.prompt_tokens,
                   "ttft_s": first_t - start, "decode_tok_s": (last_n - first_n) / (last_t - first_t),
                   "tokens": last_n, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
@@ -169,12 +178,15 @@ def main() -> None:
                         choices=["bfloat16", "int8", "int4"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through the torch.compile'd step (compiled by a warm-up request, timed apart)")
     args = parser.parse_args()
     write_checkpoint(args.dir)
     results = {}
     for scheme in args.schemes:
         done = subprocess.run([sys.executable, "-c", CHILD, str(args.dir), scheme, str(args.threads),
-                               str(args.new_tokens), str(SPEECH)], capture_output=True, text=True)
+                               str(args.new_tokens), str(SPEECH), "1" if args.compile else "0"],
+                              capture_output=True, text=True)
         if done.returncode:
             print(f"{scheme}: failed\n{done.stderr[-3000:]}", flush=True)
             continue
