@@ -445,3 +445,13 @@ def test_every_option_of_every_command_says_its_default():
             if "default" not in shown:
                 silent.append(f"{name} {action.option_strings[0]}")
     assert not silent, silent
+
+
+def test_batch_without_ray_names_the_extra_before_any_work(checkpoint, main, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio": str(SPEECH)}) + "\n")
+    result = main("batch", "--model", checkpoint, "--input", manifest, "--output", tmp_path / "out.jsonl")
+    assert result.returncode == 2
+    assert result.stderr == 'qwen2audio: error: this needs Ray, which is not installed: pip install "qwen2audio[ray]"\n'
+    assert not (tmp_path / "out.jsonl").exists()

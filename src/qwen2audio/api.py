@@ -18,7 +18,7 @@ import torch
 from qwen2audio.config import GenerationConfig, ModelConfig
 from qwen2audio.engine.core import Engine
 from qwen2audio.engine.options import EngineOptions
-from qwen2audio.engine.request import SamplingError, SamplingParams
+from qwen2audio.engine.request import Prompt, SamplingError, SamplingParams
 from qwen2audio.errors import CheckpointError, InputError
 from qwen2audio.hub import checkpoint_identity, resolve_checkpoint
 from qwen2audio.model import quant, quant_cuda
@@ -190,17 +190,23 @@ class Qwen2Audio:
     def generate(self, inputs: Any, audios: Sequence[Any] | None = None, *,
                  params: SamplingParams | None = None, **sampling: Any) -> list[Completion]:
         """Replies for many conversations or raw prompts at once (continuous batching)."""
-        prompts = self.processor.prepare_many(as_batch(inputs), audios)
+        return self.generate_prepared(self.processor.prepare_many(as_batch(inputs), audios), params=params,
+                                      **sampling)
+
+    def generate_prepared(self, prompts: Sequence[Prompt], *, params: SamplingParams | None = None,
+                          **sampling: Any) -> list[Completion]:
+        """Replies for prompts already made by ``processor.prepare`` (e.g. in another process, as the
+        CPU stage of a Ray batch job does). If one fails, none is left running."""
         sampling_params = _params(params, sampling)
         ids = []
         try:
             for prompt in prompts:
                 ids.append(self.engine.add_request(prompt, sampling_params))
-        except Exception:
+            return self._collect(ids)
+        except BaseException:
             for request_id in ids:
                 self.engine.abort(request_id)
             raise
-        return self._collect(ids)
 
     def _collect(self, request_ids: list[str]) -> list[Completion]:
         parts: dict[str, list[str]] = {i: [] for i in request_ids}

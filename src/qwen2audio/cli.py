@@ -45,6 +45,12 @@ example:
   qwen2audio eval --model ./Qwen2-Audio-7B --task librispeech-test-clean --data LibriSpeech/test-clean
   qwen2audio eval --model ./Qwen2-Audio-7B --task meld --data meld_test.jsonl --output meld.json
   qwen2audio eval --model ./Qwen2-Audio-7B-Instruct --task airbench-chat --data airbench_chat.parquet""",
+    "batch": """examples:
+  qwen2audio batch --model ./Qwen2-Audio-7B --input manifest.jsonl --task transcribe --output out.parquet
+  qwen2audio batch --model ./Qwen2-Audio-7B-Instruct --input clips/ --task chat --output answers.jsonl \\
+      --ray-address auto --replicas 8 --gpus-per-replica 1
+manifest lines: {"id": "a1", "audio": "a1.flac", "question": "What is the mood?", "language": "en"}
+a rerun with the same --output skips the ids already written there""",
     "inspect": """example:
   qwen2audio inspect speech.wav music.mp3 --json""",
     "quantize": """examples:
@@ -236,6 +242,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0 if result["items"] else EXIT_USAGE
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    """A Ray Data job over many items; rows are written as they finish, a rerun resumes."""
+    from qwen2audio.distributed.batch import BatchJob
+
+    job = BatchJob(model=args.model, input=args.input, output=args.output, task=args.task, replicas=args.replicas,
+                   gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+                   batch_size=args.batch_size, sampling=_sampling(args), device=args.device, dtype=args.dtype,
+                   quantization=args.quantization, segmentation=args.segmentation, ray_address=args.ray_address,
+                   engine_options={"enforce_eager": args.enforce_eager, "kv_cache_dtype": args.kv_cache_dtype,
+                                   "compile_decode": args.compile})
+    summary = job.run(progress=not args.quiet)
+    print(summary.text(), file=sys.stderr)
+    return 1 if summary.failures else 0
+
+
 def _table_text(output: str) -> str:
     from pathlib import Path
 
@@ -399,6 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--overwrite", action="store_true",
                             help="discard results saved in OUTPUT.jsonl instead of resuming")
     evaluation.set_defaults(handler=_cmd_eval)
+
+    batch = command("batch", "many items through N engine replicas on Ray (needs qwen2audio[ray]; resumable)")
+    _common(batch)
+    batch.add_argument("--input", required=True,
+                       help="JSONL manifest, parquet/arrow file or directory, LibriSpeech directory, or a directory "
+                            "of audio files")
+    batch.add_argument("--task", default="chat", metavar="TASK",
+                       help="chat (the item's 'question', or none: voice chat), transcribe, caption, or an eval task")
+    batch.add_argument("--output", required=True, help="out.parquet or out.jsonl; finished ids there are skipped")
+    batch.add_argument("--ray-address", help="a running cluster, e.g. auto (default: start a local one)")
+    batch.add_argument("--replicas", type=int, default=1, help="engine actors")
+    batch.add_argument("--gpus-per-replica", type=float, help="default: 1 where the cluster has GPUs, else 0")
+    batch.add_argument("--cpus-per-replica", type=float, default=1.0)
+    batch.add_argument("--batch-size", type=int, default=16, help="items a replica takes at a time")
+    _sampling_options(batch)
+    batch.set_defaults(handler=_cmd_batch)
 
     quantize = command("quantize", "write a copy of a checkpoint with int8 or int4 decoder weights")
     quantize.add_argument("--model", required=True, help="the float checkpoint: directory or Hugging Face hub id")
