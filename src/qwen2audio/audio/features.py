@@ -141,7 +141,8 @@ class FeatureExtractor:
             empty = torch.zeros(0, cfg.feature_size, cfg.nb_max_frames)
             return AudioFeatures(empty, torch.zeros(0, cfg.nb_max_frames, dtype=torch.long), counts, [])
         device = torch.device(device) if device is not None else torch.device("cpu")
-        features = self.log_mel([torch.as_tensor(w) for w in windows], device)
+        # samples that crossed a process (Ray) arrive read-only; torch wants arrays it may write
+        features = self.log_mel([torch.as_tensor(w if w.flags.writeable else w.copy()) for w in windows], device)
         valid = [frame_count(n, cfg) for n in lengths]
         frames = torch.tensor(valid, device=device)
         mask = (torch.arange(cfg.nb_max_frames, device=device)[None, :] < frames[:, None]).long()  # [W, frames]

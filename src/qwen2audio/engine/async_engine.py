@@ -73,6 +73,14 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    def check(self, prompt: Prompt, params: SamplingParams) -> None:
+        """Raise what submitting this pair would (validation only: safe from any thread)."""
+        self.engine.check(prompt, params)
+
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the loop early (or cancellation) aborts it."""

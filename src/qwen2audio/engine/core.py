@@ -76,14 +76,7 @@ class Engine:
 
     def check(self, prompt: Prompt, params: SamplingParams) -> None:
         """Raise what add_request would for this pair (a front end asks before it answers 200)."""
-        if not prompt.num_tokens:
-            raise PromptError("the prompt is empty: it needs at least one token")
-        if prompt.num_tokens >= self.max_context:
-            raise PromptError(f"the prompt is {prompt.num_tokens} tokens; the model's context is {self.max_context}")
-        outside = sorted(t for t, _ in params.logit_bias if t >= self.vocab_size)
-        if outside:
-            raise SamplingError(f"logit_bias names token ids outside the vocabulary (0-{self.vocab_size - 1}): "
-                                f"{outside[:5]}")
+        check_request(prompt, params, self.max_context, self.vocab_size)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks; False if it was not running or waiting."""
@@ -158,3 +151,15 @@ class Engine:
         finally:
             for request_id in pending:  # the caller stopped listening: free what they held
                 self.abort(request_id)
+
+
+def check_request(prompt: Prompt, params: SamplingParams, max_context: int, vocab_size: int) -> None:
+    """What an engine of this context and vocabulary refuses, asked without one (a server front
+    whose engines run elsewhere asks this too)."""
+    if not prompt.num_tokens:
+        raise PromptError("the prompt is empty: it needs at least one token")
+    if prompt.num_tokens >= max_context:
+        raise PromptError(f"the prompt is {prompt.num_tokens} tokens; the model's context is {max_context}")
+    outside = sorted(t for t, _ in params.logit_bias if t >= vocab_size)
+    if outside:
+        raise SamplingError(f"logit_bias names token ids outside the vocabulary (0-{vocab_size - 1}): {outside[:5]}")

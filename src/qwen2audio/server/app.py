@@ -65,12 +65,12 @@ class Server:
     """State shared by the routes (``app.state.server``): the engine, options, metrics and the
     admission counter."""
 
-    def __init__(self, model: Qwen2Audio, options: ServerOptions) -> None:
+    def __init__(self, model: Qwen2Audio, options: ServerOptions, engine: Any = None) -> None:
         self.model = model
         self.options = options
-        self.engine = AsyncEngine(model.engine)
-        self.max_model_len = model.engine.max_context
-        self.metrics = Metrics(lambda: self.engine.stats)
+        self.engine = engine or AsyncEngine(model.engine)  # or engines elsewhere (distributed.serve)
+        self.max_model_len = self.engine.max_context
+        self.metrics = Metrics(lambda: self.engine.stats, lambda: getattr(self.engine, "replicas", 1))
         self.pending = 0
         self.child_parses = asyncio.Semaphore(2)  # bounds the memory and cores huge bodies take
 
@@ -118,13 +118,17 @@ class Server:
             self.metrics.latency.observe(time.perf_counter() - started)
 
 
-def create_app(model: Qwen2Audio, options: ServerOptions | None = None) -> FastAPI:
-    """The app; its Server (and the engine thread) starts with the app's lifespan and stops with it."""
+def create_app(model: Qwen2Audio, options: ServerOptions | None = None, engine: Any = None) -> FastAPI:
+    """The app; its Server (and the engine thread) starts with the app's lifespan and stops with it.
+
+    ``engine``: what generates instead of an AsyncEngine over ``model.engine`` (the same interface:
+    generate, check, max_context, stats, alive, shutdown); ``model`` then needs only its processor
+    and config, as :mod:`qwen2audio.distributed.serve`'s front has them."""
     options = options or ServerOptions()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.server = Server(model, options)
+        app.state.server = Server(model, options, engine)
         # What is alive now (model, libraries) lives as long as the server: frozen, a full collection
         # skips it instead of stalling the event loop (about 145 ms for the tiny model's process).
         gc.collect()
@@ -285,7 +289,7 @@ def _params(server: Server, body: Any, prompt: Prompt, logprobs: int | None, cho
                             presence_penalty=body.presence_penalty or 0.0,
                             frequency_penalty=body.frequency_penalty or 0.0,
                             logit_bias=body.biases, seed=seed, stop=body.stops, logprobs=logprobs)
-    server.model.engine.check(prompt, params)  # refused now: a stream's 400 needs the status line
+    server.engine.check(prompt, params)  # refused now: a stream's 400 needs the status line
     return params
 
 

@@ -25,7 +25,7 @@ logger = logging.getLogger("qwen2audio.server")
 UNSUPPORTED = {  # vLLM flags a user will try: what to do instead
     "tensor_parallel_size": "the 8.4 B model fits one GPU; run one server per GPU behind a load balancer",
     "pipeline_parallel_size": "the 8.4 B model fits one GPU; run one server per GPU behind a load balancer",
-    "data_parallel_size": "run one server per GPU (each with its own --port) behind a load balancer",
+    "data_parallel_size": "use --replicas N: N engine replicas on Ray Serve behind this one server",
 }
 
 
@@ -68,6 +68,13 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--disable-log-requests", action="store_true", help="do not log each request")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="accepted for vLLM compatibility; no code is ever loaded from a checkpoint")
+    serve.add_argument("--replicas", type=_positive, default=1,
+                       help="engine replicas on Ray Serve behind one front, routed by load (needs qwen2audio[ray]; "
+                            "default: 1, a plain single-process server)")
+    serve.add_argument("--ray-address", help="with --replicas: a running Ray cluster, e.g. auto (default: start one)")
+    serve.add_argument("--gpus-per-replica", type=float,
+                       help="with --replicas: GPUs each replica takes (default: 1 where the cluster has GPUs, else 0)")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --replicas: CPUs each replica takes")
     for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
                         ("--data-parallel-size", "-dp")):
         serve.add_argument(flag, short, type=int, default=1, help=argparse.SUPPRESS)
@@ -85,6 +92,8 @@ def serve(args: argparse.Namespace) -> int:
     options = _server_options(args, model_name)
     _check_port(args.host, args.port)
     logging.getLogger("qwen2audio").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.replicas > 1 or args.ray_address:
+        return _serve_on_ray(args, model_name, options)
     model = Qwen2Audio.from_pretrained(model_name, device=args.device, dtype=args.dtype, progress=not args.quiet,
                                        engine_options=_engine_options(args),
                                        chat_template=_chat_template(args.chat_template),
@@ -110,12 +119,50 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def _engine_options(args: argparse.Namespace) -> EngineOptions:
-    return EngineOptions(
-        kv_cache_bytes=args.kv_cache_memory_bytes, max_batch_tokens=args.max_num_batched_tokens,
-        max_running=args.max_num_seqs, max_model_len=args.max_model_len, memory_fraction=args.gpu_memory_utilization,
-        enable_prefix_cache=args.enable_prefix_caching, seed=args.seed, enforce_eager=args.enforce_eager,
-        kv_cache_dtype=args.kv_cache_dtype, compile_decode=args.compile,
-    )
+    return EngineOptions(**_engine_settings(args))
+
+
+def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kv_cache_bytes": args.kv_cache_memory_bytes, "max_batch_tokens": args.max_num_batched_tokens,
+            "max_running": args.max_num_seqs, "max_model_len": args.max_model_len,
+            "memory_fraction": args.gpu_memory_utilization, "enable_prefix_cache": args.enable_prefix_caching,
+            "seed": args.seed, "enforce_eager": args.enforce_eager, "kv_cache_dtype": args.kv_cache_dtype,
+            "compile_decode": args.compile}
+
+
+def _serve_on_ray(args: argparse.Namespace, model_name: str, options: ServerOptions) -> int:
+    """``--replicas N``: the same app on Ray Serve, over N engine replicas; runs until SIGTERM or
+    Ctrl-C, then takes the application down (replicas finish or drop their requests)."""
+    import threading
+
+    from qwen2audio.distributed.serve import APP_NAME, build_app, require_serve
+
+    serve_api = require_serve()
+    import ray
+
+    ray.init(address=args.ray_address, log_to_driver=args.verbose)
+    serve_api.start(http_options={"host": args.host, "port": args.port})
+    processor_options = {"chat_template": _chat_template(args.chat_template), "segmentation": args.segmentation}
+    load = {"device": args.device, "dtype": args.dtype, "quantization": args.quantization,
+            "quantization_group_size": args.quantization_group_size, "engine_options": _engine_settings(args),
+            **processor_options}
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    app = build_app(model_name, options, replicas=args.replicas, load=load, processor_options=processor_options,
+                    gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica,
+                    max_ongoing_requests=args.max_num_seqs)
+    serve_api.run(app, name=APP_NAME, route_prefix="/")
+    logger.info("serving on http://%s:%d with %d engine replicas on Ray (models: %s)", args.host, args.port,
+                args.replicas, ", ".join(options.names))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    logger.info("stopping: taking the application down")
+    serve_api.delete(APP_NAME)
+    ray.shutdown()
+    return 0
 
 
 def _server_options(args: argparse.Namespace, model_name: str) -> ServerOptions:

@@ -17,7 +17,7 @@ UNMATCHED = "unmatched"  # the route label of a path no route serves
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], replicas: Callable[[], int] = lambda: 1) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("qwen2audio_requests", "finished HTTP requests", ["route", "status"], registry=r)
@@ -33,6 +33,8 @@ class Metrics:
         Gauge("qwen2audio_requests_running", "requests running", registry=r).set_function(lambda: stats().running)
         Gauge("qwen2audio_kv_cache_usage", "fraction of KV blocks in use", registry=r).set_function(
             lambda: stats().kv_usage)
+        Gauge("qwen2audio_engine_replicas", "engine replicas whose figures the gauges sum (1 unless --replicas)",
+              registry=r).set_function(replicas)
         Gauge("qwen2audio_encoder_cache_bytes", "bytes of cached audio embeddings (bounded, least recently "
               "used evicted)", registry=r).set_function(lambda: stats().encoder_cache_bytes)
 
