@@ -164,7 +164,7 @@ def test_a_rerun_after_the_driver_is_killed_makes_only_the_missing_rows(cluster,
     assert [row["id"] for row in rows[:len(before)]] == before
     assert len(rows) - len(before) == 40 - len(before), "the rerun wrote only the missing ids"
     assert code == 1  # two items failed
-    summary = capsys.readouterr().err
+    summary = capsys.readouterr().out
     assert f"{40 - len(before)} done in this run" in summary and f"{len(before)} already done" in summary
     assert "clip-07: AudioError" in summary and "clip-13: AudioError" in summary
 

@@ -170,3 +170,73 @@ def test_a_killed_replica_ends_its_streams_with_an_error_and_the_other_answers(r
             break
         time.sleep(0.5)
     assert states.get("RUNNING") == 2, states
+
+
+class _Response:
+    """What a streaming DeploymentHandle call gives: an async iterator of outputs, and cancel()."""
+
+    def __init__(self, outputs, dies_after: int | None):
+        self.outputs, self.dies_after, self.cancelled = outputs, dies_after, False
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        for number, output in enumerate(self.outputs):
+            if number == self.dies_after:
+                raise ray.exceptions.ActorDiedError()
+            yield output
+        if self.dies_after is not None and self.dies_after >= len(self.outputs):
+            raise ray.exceptions.ActorDiedError()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    """A stand-in engine deployment whose replicas die as ``plan`` says (index of the output they die at)."""
+
+    def __init__(self, plan, outputs):
+        self.plan, self.outputs, self.calls = list(plan), outputs, []
+        self.generate = self
+
+    def options(self, stream):
+        assert stream
+        return self
+
+    def remote(self, prompt, params):
+        self.calls.append(_Response(self.outputs, self.plan.pop(0) if self.plan else None))
+        return self.calls[-1]
+
+
+def _run_remote(plan):
+    import asyncio
+
+    from qwen2audio.distributed.serve import RemoteEngine
+    from qwen2audio.engine.request import RequestOutput
+
+    outputs = [RequestOutput("r", "a", [1], False), RequestOutput("r", "b", [2], True, "length", 3, 2)]
+    handle = _Handle(plan, outputs)
+    engine = RemoteEngine(handle, {"max_context": 100, "vocab_size": 50})
+
+    async def collect():
+        return [output async for output in engine.generate(object(), None)]
+
+    return asyncio.run(collect()), handle
+
+
+def test_a_request_whose_replica_died_before_it_started_goes_to_another():
+    got, handle = _run_remote([0, 0])  # two replicas die at once, the third answers
+    assert [o.delta for o in got] == ["a", "b"] and got[-1].error is None
+    assert len(handle.calls) == 3 and [c.cancelled for c in handle.calls] == [True, True, False]
+
+
+def test_a_stream_whose_replica_dies_after_it_started_ends_with_an_error():
+    got, handle = _run_remote([1])
+    assert [o.delta for o in got[:-1]] == ["a"] and len(handle.calls) == 1
+    assert got[-1].finished and "replica" in got[-1].error and got[-1].finish_reason == "error"
+
+
+def test_a_request_is_given_up_after_every_retry_failed():
+    got, handle = _run_remote([0, 0, 0])
+    assert len(got) == 1 and "replica" in got[0].error and len(handle.calls) == 3

@@ -253,7 +253,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                    engine_options={"enforce_eager": args.enforce_eager, "kv_cache_dtype": args.kv_cache_dtype,
                                    "compile_decode": args.compile})
     summary = job.run(progress=not args.quiet)
-    print(summary.text(), file=sys.stderr)
+    print(summary.text())
     return 1 if summary.failures else 0
 
 
