@@ -85,7 +85,8 @@ def test_the_import_graph_has_no_cycle():
 
 
 FRONT = ("qwen2audio.server", "qwen2audio.cli", "qwen2audio.chat_session", "qwen2audio.transcribe",
-         "qwen2audio.evaluation", "qwen2audio.api", "qwen2audio.processor", "qwen2audio.hub")
+         "qwen2audio.evaluation", "qwen2audio.api", "qwen2audio.processor", "qwen2audio.hub",
+         "qwen2audio.distributed")
 EDGE = ("qwen2audio.text.prompt", "qwen2audio.audio.io")  # chat templates, audio decoding
 
 
@@ -105,8 +106,22 @@ def test_the_model_depends_on_nothing_above_it(name):
 
 def test_the_cli_goes_through_the_public_api():
     allowed = {"qwen2audio", "qwen2audio.errors", "qwen2audio.chat_session", "qwen2audio.transcribe",
-               "qwen2audio.evaluation", "qwen2audio.server.launch"}
+               "qwen2audio.evaluation", "qwen2audio.server.launch", "qwen2audio.distributed.batch"}
     assert imports_of("qwen2audio.cli") <= allowed, sorted(imports_of("qwen2audio.cli") - allowed)
+
+
+def test_only_the_commands_import_the_ray_package():
+    """distributed/ needs the optional [ray] extra: only the commands import it (when run), and no
+    module imports Ray at import time."""
+    users = sorted(name for name in modules() if not name.startswith("qwen2audio.distributed")
+                   and any(m.startswith("qwen2audio.distributed") for m in imports_of(name, parents=False)))
+    assert users == ["qwen2audio.cli", "qwen2audio.server.launch"], users
+    for name, path in modules().items():
+        top_level = [node for node in ast.parse(path.read_text(encoding="utf-8")).body
+                     if isinstance(node, (ast.Import, ast.ImportFrom))]
+        names = [a.name for n in top_level if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in top_level if isinstance(n, ast.ImportFrom)]
+        assert not any(m == "ray" or m.startswith("ray.") for m in names), f"{name} imports Ray at import time"
 
 
 def functions(path: pathlib.Path):
