@@ -176,7 +176,9 @@ def test_two_nodes_and_one_of_them_lost_in_the_middle(tiny_checkpoint, manifest,
 
     if ray.is_initialized():
         ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    # 3 CPUs on the head: both replicas and a decoding task fit there once the worker is gone, wherever
+    # Ray had put them (with less, a job waits for the lost capacity to come back, as Ray jobs do)
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
     worker = nodes.add_node(num_cpus=2)
     output, lost = tmp_path / "out.jsonl", []
 
