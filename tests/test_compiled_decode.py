@@ -22,9 +22,10 @@ def int8_fp32(tiny_checkpoint):
     return _load(tiny_checkpoint, "float32")
 
 
-def _side_by_side(model):
+def _side_by_side(model, count=3):
     """Run the prompts; every decode step goes through the compiled graph and then eagerly on the
-    same state (each writes the same key/value slots). Returns the tokens and, per decode step,
+    same state (each writes the same key/value slots), for the first ``count`` prompts (one: only the
+one-sequence graph is compiled). Returns the tokens and, per decode step,
     (batch size, relative L2 difference of the logits, whether the argmax agrees)."""
     engine = fresh_engine(model, compile_decode=True)
     runner, steps = engine.runner, []
@@ -43,12 +44,12 @@ def _side_by_side(model):
 
     runner.execute = both
     ids = [engine.add_request(engine.processor.prepare(conv(text(p))), SamplingParams(max_new_tokens=n, temperature=0))
-           for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+           for p, n in zip(PROMPTS[:count], LENGTHS[:count], strict=True)]
     tokens = {i: [] for i in ids}
     for output in engine.run(set(ids)):
         tokens[output.request_id].extend(output.token_ids)
     assert isinstance(runner.compiled, CompiledDecoder) and not runner.compiled.failed
-    assert runner.compiled.compiled == {False, True}  # the one-sequence graph and the 2+ graph
+    assert runner.compiled.compiled == ({False, True} if count > 1 else {False})  # one sequence; 2+
     return [tokens[i] for i in ids], steps
 
 
@@ -62,7 +63,7 @@ def test_compiled_steps_match_the_eager_steps_at_every_batch_size(int8_fp32):
 def test_compiled_bf16_steps_stay_within_bf16_rounding(tiny_checkpoint):
     """Inductor keeps fused intermediates in float32 where the eager ops round each to bfloat16:
     the two differ by about 1% on this model, far below what a wrong cache row or position does."""
-    _, steps = _side_by_side(_load(tiny_checkpoint, "bfloat16"))
+    _, steps = _side_by_side(_load(tiny_checkpoint, "bfloat16"), count=1)  # one graph: the rounding is the same
     assert max(error for _, error, _ in steps) < 3e-2, steps
 
 

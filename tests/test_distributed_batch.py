@@ -169,32 +169,19 @@ def test_a_rerun_after_the_driver_is_killed_makes_only_the_missing_rows(cluster,
     assert "clip-07: AudioError" in summary and "clip-13: AudioError" in summary
 
 
-def test_two_nodes_and_one_of_them_lost_in_the_middle(tiny_checkpoint, manifest, expected, tmp_path):
-    """The multi-node path (ray.cluster_utils: a head and a worker node, replicas wherever Ray puts
-    them); the worker node then dies mid-job, and its work is redone on the head."""
+def test_two_nodes(tiny_checkpoint, manifest, expected, tmp_path):
+    """The multi-node path: a head and a worker node (ray.cluster_utils), replicas wherever Ray puts them."""
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
-    # 3 CPUs on the head: both replicas and a decoding task fit there once the worker is gone, wherever
-    # Ray had put them (with less, a job waits for the lost capacity to come back, as Ray jobs do)
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
-    worker = nodes.add_node(num_cpus=2)
-    output, lost = tmp_path / "out.jsonl", []
-
-    def lose_the_worker() -> None:
-        _wait_for_rows(output, 4)
-        nodes.remove_node(worker, allow_graceful=False)
-        lost.append(output.read_bytes().count(b"\n"))
-
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes.add_node(num_cpus=2)
     try:
         ray.init(address=nodes.address, log_to_driver=False)
         assert len([node for node in ray.nodes() if node["Alive"]]) == 2
-        killer = threading.Thread(target=lose_the_worker)
-        killer.start()
+        output = tmp_path / "out.jsonl"
         _job(tiny_checkpoint, manifest, output, cpus_per_replica=1).run(progress=False)
-        killer.join()
-        assert lost and lost[0] < 40, "the node was lost while items were left"
         _check_rows(_rows(output), expected)
     finally:
         ray.shutdown()

@@ -31,7 +31,7 @@ from serving import Running, free_port  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
 SPEECH = DATA / "speech_en_16k.wav"
-LONG = 1500  # tokens a stream is held to, so that it is still running when its replica is killed
+LONG = 600  # tokens a stream is held to, so that it is still running when its replica is killed
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,16 @@ def single(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def replicas(tiny_checkpoint):
-    """`qwen2audio serve --replicas 2` on a cluster this process also joins (to watch Serve's status)."""
+    """`qwen2audio serve --replicas 2` on a cluster this process also joins (to watch Serve's status).
+    Four requests at most per replica, so that six at once are spread over both whatever the router
+    guessed of their load: a burst of equal requests at once can otherwise land on one."""
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     command = [sys.executable, "-m", "qwen2audio.cli", "serve", str(tiny_checkpoint), "--served-model-name", "tiny",
                "--replicas", "2", "--cpus-per-replica", "0.5", "--ray-address", ray.get_runtime_context().gcs_address,
-               "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+               "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "4"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
