@@ -284,7 +284,7 @@ class EvalRun:
             log.unlink(missing_ok=True)
         setup = {"model": model_identity, "task": task_name, "max_new_tokens": max_new_tokens,
                  "segmentation": segmentation, "decoding": "greedy"}
-        run = cls(task_name, task, items, output, setup, _finished(log))
+        run = cls(task_name, task, items, output, setup, read_finished(log))
         run._check_saved(log)
         return run
 
@@ -355,7 +355,8 @@ def evaluate(model: Qwen2Audio, task_name: str, data: str | pathlib.Path, output
     return run.run(model, batch_size, progress)
 
 
-def _finished(log: pathlib.Path) -> dict[str, dict[str, Any]]:
+def read_finished(log: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """id -> record of a JSONL results log (a line an interrupted run cut is left out: redo it)."""
     done = {}
     if log.is_file():
         for line in log.read_text(encoding="utf-8").splitlines():

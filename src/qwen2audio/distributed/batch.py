@@ -16,11 +16,13 @@ import pathlib
 import pickle
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen2audio.distributed import replica_gpus
 from qwen2audio.errors import InputError
+from qwen2audio.evaluation import read_finished
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,10 @@ def prepare_batch(batch: dict[str, Any], model: str, task: str, segmentation: st
     """The CPU stage (``map_batches`` function): decode each item's audio, cut its windows and
     tokenize its prompt. Columns in: ``id``, ``item`` (a pickled item dict); out: ``id``, ``prompt``
     (a pickled :class:`~qwen2audio.engine.request.Prompt`, or None), ``reference``, ``error``."""
-    processor = _processor(model, segmentation)
+    return _prepared(batch, _processor(model, segmentation), task)
+
+
+def _prepared(batch: dict[str, Any], processor: Any, task: str) -> dict[str, list]:
     out: dict[str, list] = {"id": [], "prompt": [], "reference": [], "error": []}
     for key, packed in zip(batch["id"], batch["item"], strict=True):
         item = pickle.loads(packed)  # noqa: S301 (written by this job's driver)
@@ -148,7 +153,7 @@ def _reference(item: dict[str, Any]) -> str | None:
 
 class Qwen2AudioPredictor:
     """One engine replica for Ray Data: ``ds.map_batches(Qwen2AudioPredictor, fn_constructor_kwargs=
-    {"model": path, "task": "transcribe"}, concurrency=N, num_gpus=1)``.
+    {"model": path, "task": "transcribe"}, compute=ray.data.ActorPoolStrategy(size=N), num_gpus=1)``.
 
     Takes the CPU stage's rows (``prompt``/``error``, see :func:`prepare_batch`) or raw ones (``id``
     and ``item``, prepared here); gives one output row per input row (:data:`COLUMNS`), a failure as
@@ -168,7 +173,7 @@ class Qwen2AudioPredictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         if "prompt" not in batch:
-            batch = self._prepare(batch)
+            batch = _prepared(batch, self.model.processor, self.task)
         rows = {"id": [str(key) for key in batch["id"]], "error": [_text(e) for e in batch["error"]],
                 "reference": [_text(r) for r in batch["reference"]]}
         todo = [(index, pickle.loads(packed)) for index, packed in enumerate(batch["prompt"])  # noqa: S301
@@ -186,16 +191,6 @@ class Qwen2AudioPredictor:
             out["prompt_tokens"].append(done.prompt_tokens if done else 0)
             out["completion_tokens"].append(done.completion_tokens if done else 0)
             out["reference"].append(rows["reference"][index])
-            out["error"].append(error)
-        return out
-
-    def _prepare(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {"id": list(batch["id"]), "prompt": [], "reference": [], "error": []}
-        for packed in batch["item"]:
-            item = pickle.loads(packed)  # noqa: S301
-            prompt, error = _prepare_one(self.model.processor, self.task, item)
-            out["prompt"].append(prompt)
-            out["reference"].append(_reference(item))
             out["error"].append(error)
         return out
 
@@ -235,7 +230,7 @@ class Journal:
             import pyarrow.parquet as pq
 
             self.rows.update((row["id"], row) for row in pq.read_table(output).to_pylist())
-        self.rows.update(_read_jsonl(self.path))
+        self.rows.update(read_finished(self.path))
 
     def __enter__(self) -> Journal:
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -266,8 +261,9 @@ class Journal:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        wanted = set(order)
         rows = [self.rows[key] for key in order if key in self.rows]
-        rows += [row for key, row in self.rows.items() if key not in set(order)]  # from earlier inputs
+        rows += [row for key, row in self.rows.items() if key not in wanted]  # from earlier inputs
         temporary = self.output.with_suffix(".parquet.tmp")
         pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), temporary)
         temporary.replace(self.output)
@@ -280,16 +276,6 @@ def _schema() -> Any:
     return pa.schema([("id", pa.string()), ("task", pa.string()), ("text", pa.string()),
                       ("finish_reason", pa.string()), ("prompt_tokens", pa.int64()),
                       ("completion_tokens", pa.int64()), ("reference", pa.string()), ("error", pa.string())])
-
-
-def _read_jsonl(path: pathlib.Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # the line a killed run cut is redone
-            yield str(row["id"]), row
 
 
 @dataclass
@@ -382,17 +368,13 @@ class BatchJob:
             source = source.map_batches(prepare_batch, batch_size=self.batch_size, num_cpus=1, max_retries=3,
                                         fn_kwargs={"model": self.model, "task": self.task,
                                                    "segmentation": self.segmentation})
-        replica = {"model": self.model, "task": self.task, "sampling": {**DEFAULT_SAMPLING, **self.sampling},
+        replica = {"model": self.model, "task": self.task, "sampling": self.sampling,
                    "device": self.device, "dtype": self.dtype, "quantization": self.quantization,
                    "segmentation": self.segmentation, "engine_options": self.engine_options}
         return source.map_batches(Qwen2AudioPredictor, fn_constructor_kwargs=replica, batch_size=self.batch_size,
                                   compute=ray.data.ActorPoolStrategy(size=self.replicas),
-                                  num_gpus=self._gpus(ray) or None, num_cpus=self.cpus_per_replica)
-
-    def _gpus(self, ray: Any) -> float:
-        if self.gpus_per_replica is not None:
-            return self.gpus_per_replica
-        return 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+                                  num_gpus=replica_gpus(self.gpus_per_replica) or None,
+                                  num_cpus=self.cpus_per_replica)
 
     def _room_to_decode(self, ray: Any) -> bool:
         """Whether a CPU is left beside the replicas for the decoding tasks (else they would wait forever)."""

@@ -56,6 +56,8 @@ Command = Submit | Abort | Stop
 class AsyncEngine:
     """Runs an Engine's step loop on a background thread; one AsyncEngine per engine."""
 
+    replicas = 1  # engines behind this interface (distributed.serve's RemoteEngine has several)
+
     def __init__(self, engine: Engine) -> None:
         if getattr(engine, "driven_by", None) is not None:
             raise RuntimeError("this engine already has an AsyncEngine stepping it; one per engine")

@@ -70,7 +70,7 @@ class Server:
         self.options = options
         self.engine = engine or AsyncEngine(model.engine)  # or engines elsewhere (distributed.serve)
         self.max_model_len = self.engine.max_context
-        self.metrics = Metrics(lambda: self.engine.stats, lambda: getattr(self.engine, "replicas", 1))
+        self.metrics = Metrics(lambda: self.engine.stats, lambda: self.engine.replicas)
         self.pending = 0
         self.child_parses = asyncio.Semaphore(2)  # bounds the memory and cores huge bodies take
 

@@ -135,6 +135,7 @@ def _serve_on_ray(args: argparse.Namespace, model_name: str, options: ServerOpti
     Ctrl-C, then takes the application down (replicas finish or drop their requests)."""
     import threading
 
+    from qwen2audio.distributed import replica_gpus
     from qwen2audio.distributed.serve import APP_NAME, build_app, require_serve
 
     serve_api = require_serve()
@@ -146,11 +147,8 @@ def _serve_on_ray(args: argparse.Namespace, model_name: str, options: ServerOpti
     load = {"device": args.device, "dtype": args.dtype, "quantization": args.quantization,
             "quantization_group_size": args.quantization_group_size, "engine_options": _engine_settings(args),
             **processor_options}
-    gpus = args.gpus_per_replica
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
     app = build_app(model_name, options, replicas=args.replicas, load=load, processor_options=processor_options,
-                    gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica,
+                    gpus_per_replica=replica_gpus(args.gpus_per_replica), cpus_per_replica=args.cpus_per_replica,
                     max_ongoing_requests=args.max_num_seqs)
     serve_api.run(app, name=APP_NAME, route_prefix="/")
     logger.info("serving on http://%s:%d with %d engine replicas on Ray (models: %s)", args.host, args.port,
