@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import pathlib
@@ -391,6 +390,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quantization", nargs="+", default=[], choices=["int8", "int4", "fp8"],
                         help="also measure ours with the decoder's weights quantized from the same numbers "
                              "(logits against the unquantized network are reported)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="only the checks (fast vs eager, ours vs transformers), no timings: e.g. in float32")
     parser.add_argument("--output", help="write the figures and checks here as JSON")
     parser.add_argument("--profile-dir", help="also write kernel tables of our prefill and decode steps here")
     return parser.parse_args()
@@ -470,7 +471,7 @@ class Bench:
         from qwen2audio.model.quant import QuantConfig, quantize_network
 
         with self.section(f"ours {scheme}: quantizing a copy of the network"):
-            network = quantize_network(copy.deepcopy(self.network), QuantConfig(scheme), self.dtype)
+            network = quantize_network(self.network.with_backend(self.network.backend), QuantConfig(scheme), self.dtype)
             logits = our_prompt_logits(network, self.processor, self.probe, self.device)
             self.report[f"ours {scheme} logits_relative_l2"] = relative(logits, self.our_logits)
             log(f"   last-position logits against the unquantized network: relative L2 "
@@ -479,7 +480,7 @@ class Bench:
         del network
         release()
 
-    def compare_with_transformers(self) -> None:
+    def compare_with_transformers(self, timed: bool = True) -> None:
         """transformers on a copy of the same weights: logits and greedy tokens, then its figures."""
         args, report = self.args, self.report
         with self.section("transformers on the same weights"):
@@ -491,19 +492,30 @@ class Bench:
             report["logits_relative_l2"] = relative(self.our_logits, hf_logits)
             report["same_first_token"] = bool(self.our_logits.argmax() == hf_logits.argmax())
             report["greedy_common_prefix"] = common_prefix(self.fast_tokens, hf_tokens)
+            try:  # diagnostics: the same prompt through our kernels (no cache) against transformers
+                kernels = our_prompt_logits(self.network, self.processor, self.probe, self.device)
+                report["kernels_logits_relative_l2"] = relative(kernels, hf_logits)
+                log(f"   our kernels' logits against transformers': relative L2 {relative(kernels, hf_logits):.2e}")
+            except Exception as exc:
+                log(f"   kernels' logits not taken: {type(exc).__name__}: {exc}")
             log(f"   last-position logits: relative L2 difference {report['logits_relative_l2']:.2e}, "
                 f"same argmax: {report['same_first_token']}; greedy tokens agree on the first "
                 f"{report['greedy_common_prefix']} of 32")
+        if not timed:
+            return
         with self.section(f"transformers: 1 request, then {args.requests} at once"):
             self.results["transformers"] = measure_transformers(
                 model, self.processor, args.requests, args.new_tokens, args.repeats, self.device, self.dtype,
                 args.clip_seconds)
+            del model
+            release()
 
     def finish(self) -> None:
         report = self.report
         report.update({name: vars(figures) for name, figures in self.results.items()})
         del report["figures"]
-        print_table(self.results, self.args.requests, self.args.clip_seconds)
+        if self.results:
+            print_table(self.results, self.args.requests, self.args.clip_seconds)
         shutil.rmtree(self.workdir, ignore_errors=True)
         tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2  # bf16: rounding differs op by op
         report["agree"] = self.args.skip_transformers or report["logits_relative_l2"] < tolerance
@@ -516,16 +528,20 @@ class Bench:
 
 def main() -> None:
     args = parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 means float32
     bench = Bench(args)
     bench.check_paths()
+    if args.check_only:
+        bench.compare_with_transformers(timed=False)
+        bench.finish()
+        return
     bench.measure("ours", bench.options)
-    if not args.no_fp8_kv:
-        bench.measure("ours fp8 KV", replace(bench.options, kv_cache_dtype="fp8"))
+    if not args.skip_transformers:  # before the variants: a run cut by its time limit keeps the oracle check
+        bench.compare_with_transformers()
     for scheme in args.quantization:
         bench.measure_quantized(scheme)
-    if not args.skip_transformers:
-        bench.compare_with_transformers()
+    if not args.no_fp8_kv:
+        bench.measure("ours fp8 KV", replace(bench.options, kv_cache_dtype="fp8"))
     bench.finish()
 
 

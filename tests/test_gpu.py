@@ -118,6 +118,28 @@ def test_fast_decode_in_bf16_stays_within_tolerance_of_eager(checkpoint, kv_cach
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_quantized_fast_decode_stays_within_tolerance_of_eager(tmp_path_factory, scheme):
+    """Quantized layers under the captured graphs and kernels give the eager path's tokens (inputs of
+    128 and 256: tinygemm's tiles need multiples of 128, so the tiny 64-wide checkpoint cannot)."""
+    from qwen2audio.model import quant_cuda
+
+    if quant_cuda.device_problem(scheme, torch.device("cuda")):
+        pytest.skip(quant_cuda.device_problem(scheme, torch.device("cuda")))
+    path = build_checkpoint(tmp_path_factory.mktemp("quant") / "ckpt", kv_heads=2, seed=4, hidden=128)
+    model = Qwen2Audio.from_pretrained(path, device="cuda", dtype="bfloat16", progress=False, quantization=scheme,
+                                       quantization_group_size=32 if scheme == "int4" else None)
+    fast, eager = engines(model)
+    got, expected = staggered_run(fast, logprobs=1), staggered_run(eager, logprobs=1)
+    tolerance = 0.25 if scheme == "fp8" else 0.1  # fp8 also rounds each activation row to 3 mantissa bits
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, expected, strict=True):
+        assert tokens[0] == ref_tokens[0]
+        same = next((k for k, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), len(tokens))
+        assert max(abs(a - b) for a, b in zip(logprobs[:same], ref_logprobs[:same], strict=True)) < tolerance
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_features_equal_cpu_features():
     from qwen2audio.audio.features import FeatureExtractor
 

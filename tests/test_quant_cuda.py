@@ -72,3 +72,22 @@ def test_quantizing_from_host_rows_onto_another_device():
     layer = QuantizedLinear(64, 32, QuantConfig("int8"), device="meta")
     layer.quantize_from(lambda: [(0, torch.randn(32, 64))])
     assert layer.qweight.device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 40])  # a decode row (int8's kernel) and a prefill chunk (int8's GEMM)
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_each_scheme_on_cuda_against_its_hand_dequantized_weight(scheme, rows):
+    if quant_cuda.device_problem(scheme, CUDA):
+        pytest.skip(quant_cuda.device_problem(scheme, CUDA))
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 384, device=CUDA)
+    layer = QuantizedLinear.from_float(linear, QuantConfig(scheme), dtype=torch.bfloat16)
+    weight = layer.dequantized(torch.float32)  # read before the first product repacks int4's codes
+    x = torch.randn(rows, 256, device=CUDA)
+    expected = x @ weight.T + linear.bias.detach()
+    with torch.inference_mode():
+        got = layer(x.to(torch.bfloat16)).float()
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error < (4e-2 if scheme == "fp8" else 1e-2)  # bf16 products; fp8 also rounds the activations

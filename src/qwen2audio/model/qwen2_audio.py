@@ -16,6 +16,7 @@ from qwen2audio.config import ModelConfig
 from qwen2audio.model.attention import AttentionMetadata, KVCache
 from qwen2audio.model.audio_encoder import AudioEncoder, MultiModalProjector
 from qwen2audio.model.backend import Backend
+from qwen2audio.model.quant import QuantizedLinear
 from qwen2audio.model.qwen2 import Qwen2ForCausalLM
 
 
@@ -49,6 +50,9 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
             raise ValueError("oneDNN linear layers keep their own weight layout: load the checkpoint again")
         with torch.device("meta"):
             twin = type(self)(self.config, backend)
+        for name, module in self.named_modules():  # quantized layers are shared whole: their codes may be
+            if isinstance(module, QuantizedLinear):  # held in a kernel's layout that loading cannot redo
+                twin.set_submodule(name, module)
         twin.load_state_dict(self.state_dict(), assign=True)
         return twin.eval().requires_grad_(False)
 
