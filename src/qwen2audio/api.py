@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from qwen2audio.config import GenerationConfig, ModelConfig
 from qwen2audio.engine.core import Engine
 from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import Prompt, SamplingError, SamplingParams
-from qwen2audio.errors import CheckpointError, InputError
+from qwen2audio.errors import AdapterNotFoundError, CheckpointError, InputError
 from qwen2audio.hub import checkpoint_identity, resolve_checkpoint
 from qwen2audio.model import quant, quant_cuda
 from qwen2audio.model.attention import AttentionMetadata, kv_cache_dtype
@@ -170,28 +172,45 @@ class Qwen2Audio:
         return Engine(self.network, self.processor.tokenizer, self.processor.feature_extractor, self.generation,
                       options or self.engine_options)
 
-    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
-             params: SamplingParams | None = None, **sampling: Any) -> Completion | Iterator[TextDelta]:
-        """One reply to a conversation; ``stream=True`` yields text deltas as they are decoded."""
-        return self._submit(self.processor.prepare(messages), _params(params, sampling), stream)
+    def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Load a LoRA adapter (PEFT's format: a directory or hub id) beside the base weights, for
+        ``chat(..., adapter=name)`` and the rest; ``name`` defaults to the directory's name."""
+        name = name or pathlib.Path(path).name
+        self.engine.load_adapter(path, name)
+        return name
 
-    def complete(self, prompt: str, audios: Sequence[Any] = (), *, stream: bool = False,
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return [loaded.name for loaded in self.engine.adapters]
+
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False, adapter: str | None = None,
+             params: SamplingParams | None = None, **sampling: Any) -> Completion | Iterator[TextDelta]:
+        """One reply to a conversation; ``stream=True`` yields text deltas as they are decoded;
+        ``adapter``: a loaded LoRA adapter's name answers instead of the base model."""
+        return self._submit(self.processor.prepare(messages), _params(params, sampling), stream, adapter)
+
+    def complete(self, prompt: str, audios: Sequence[Any] = (), *, stream: bool = False, adapter: str | None = None,
                  params: SamplingParams | None = None, **sampling: Any) -> Completion | Iterator[TextDelta]:
         """A raw (base-model) prompt whose <|AUDIO|> placeholders take ``audios`` in order."""
         prepared = self.processor.prepare_many([prompt], audios)[0]
-        return self._submit(prepared, _params(params, sampling), stream)
+        return self._submit(prepared, _params(params, sampling), stream, adapter)
 
-    def _submit(self, prompt: Any, params: SamplingParams, stream: bool) -> Completion | Iterator[TextDelta]:
-        request_id = self.engine.add_request(prompt, params)
+    def _submit(self, prompt: Prompt, params: SamplingParams, stream: bool, adapter: str | None
+                ) -> Completion | Iterator[TextDelta]:
+        request_id = self.engine.add_request(replace(prompt, adapter=adapter), params)
         if stream:
             return self._stream(request_id)
         return self._collect([request_id])[0]
 
-    def generate(self, inputs: Any, audios: Sequence[Any] | None = None, *,
+    def generate(self, inputs: Any, audios: Sequence[Any] | None = None, *, adapter: str | None = None,
                  params: SamplingParams | None = None, **sampling: Any) -> list[Completion]:
-        """Replies for many conversations or raw prompts at once (continuous batching)."""
-        return self.generate_prepared(self.processor.prepare_many(as_batch(inputs), audios), params=params,
-                                      **sampling)
+        """Replies for many conversations or raw prompts at once (continuous batching); ``adapter``
+        for all of them (per prompt: ``generate_prepared`` with ``Prompt.adapter`` set)."""
+        prompts = self.processor.prepare_many(as_batch(inputs), audios)
+        return self.generate_prepared([replace(p, adapter=adapter) for p in prompts], params=params, **sampling)
 
     def generate_prepared(self, prompts: Sequence[Prompt], *, params: SamplingParams | None = None,
                           **sampling: Any) -> list[Completion]:
@@ -296,24 +315,47 @@ class Qwen2Audio:
         return cls(network, processor, generation, options, identity)
 
     @torch.inference_mode()
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """Logits [B, T, vocab] (float32) for a left-padded processor batch; pad positions are zero.
+    def logits(self, batch: Batch, adapter: str | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] (float32) for a left-padded processor batch; pad positions are zero;
+        ``adapter``: through a loaded LoRA adapter.
 
         Positions count from each row's first real token, as the reference's generate does.
         """
         device = self.device
-        clips = self._clip_embeddings(batch)
-        chunks = [Chunk(ids, 0, [(span.offset, next(clips)) for span in spans])
-                  for ids, spans in zip(batch.token_ids, batch.audio_spans, strict=True)]
-        inputs = flatten(chunks, device)
-        meta = AttentionMetadata.prefill(inputs.query_lens)
-        hidden = self.network(inputs.input_ids, inputs.positions, meta, None, inputs.audio_embeds, inputs.audio_index)
-        flat = self.network.logits(hidden)  # [N, vocab]
+        with self._whole_batch_adapter(adapter, batch):
+            clips = self._clip_embeddings(batch)
+            chunks = [Chunk(ids, 0, [(span.offset, next(clips)) for span in spans])
+                      for ids, spans in zip(batch.token_ids, batch.audio_spans, strict=True)]
+            inputs = flatten(chunks, device)
+            meta = AttentionMetadata.prefill(inputs.query_lens)
+            hidden = self.network(inputs.input_ids, inputs.positions, meta, None, inputs.audio_embeds,
+                                  inputs.audio_index)
+            flat = self.network.logits(hidden)  # [N, vocab]
         width = batch.input_ids.shape[1]
         out = torch.zeros(len(chunks), width, flat.shape[-1], dtype=flat.dtype, device=device)
         for row, (rows, n) in enumerate(zip(flat.split(inputs.query_lens), inputs.query_lens, strict=True)):
             out[row, width - n:] = rows
         return out
+
+    @contextmanager
+    def _whole_batch_adapter(self, adapter: str | None, batch: Batch) -> Iterator[None]:
+        """Every row of every part of the network through ``adapter``'s slot (None: the base model)."""
+        if adapter is None:
+            yield
+            return
+        lora = self.engine.runner.lora
+        if lora is None:
+            raise AdapterNotFoundError(f"no adapter named {adapter!r} is loaded (none is)")
+        loaded = lora.acquire(adapter)
+        counts = {"decoder": sum(len(ids) for ids in batch.token_ids), "encoder": len(batch.window_tokens),
+                  "projector": sum(batch.window_tokens)}
+        counts["head"] = counts["decoder"]
+        try:
+            with lora.context.using(**{kind: torch.full((n,), loaded.slot, device=self.device)
+                                       for kind, n in counts.items()}):
+                yield
+        finally:
+            lora.release(loaded)
 
     def _clip_embeddings(self, batch: Batch) -> Iterator[torch.Tensor]:
         """Each clip's projected audio embeddings [tokens, hidden], in the batch's clip order."""

@@ -22,3 +22,12 @@ class ContextLengthError(PromptError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found or loaded: missing files, bad config, wrong tensors."""
+
+
+class AdapterError(InputError):
+    """A LoRA adapter that cannot be used: unsupported features, shapes of another base model, a rank
+    over the engine's limit, no free slot."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """A request or an unload names an adapter that is not loaded (HTTP 404)."""

@@ -27,10 +27,11 @@ class BlockTable:
         return self.blocks[position // block_size] * block_size + position % block_size
 
 
-def block_hashes(token_keys: Sequence[bytes], block_size: int) -> list[bytes]:
-    """Chained hashes of each *full* block of ``token_keys`` (one bytes key per token)."""
+def block_hashes(token_keys: Sequence[bytes], block_size: int, seed: bytes = b"") -> list[bytes]:
+    """Chained hashes of each *full* block of ``token_keys`` (one bytes key per token); ``seed``
+    starts the chain (a LoRA adapter's key: the same tokens give other keys and values under it)."""
     hashes: list[bytes] = []
-    previous = b""
+    previous = seed
     for start in range(0, len(token_keys) - block_size + 1, block_size):
         digest = hashlib.blake2b(previous, digest_size=16)
         for key in token_keys[start:start + block_size]:

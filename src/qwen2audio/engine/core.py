@@ -9,6 +9,7 @@ through this class, directly or through engine/async_engine.py.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -23,7 +24,8 @@ from qwen2audio.engine.request import Prompt, Request, RequestOutput, SamplingEr
 from qwen2audio.engine.runner import ModelRunner
 from qwen2audio.engine.sampler import Sampler
 from qwen2audio.engine.scheduler import EngineStats, ScheduledStep, Scheduler
-from qwen2audio.errors import PromptError
+from qwen2audio.errors import AdapterNotFoundError, PromptError
+from qwen2audio.model.lora import Loaded, adapter_rank
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 from qwen2audio.text.tokenizer import Tokenizer
 
@@ -57,6 +59,7 @@ class Engine:
         pipelined = options.async_decode if options.async_decode is not None else self.runner.device.type == "cuda"
         self.pipeline = DecodePipeline(self.runner, self.sampler, self.scheduler, pipelined)
         self.driven_by: object | None = None  # the AsyncEngine stepping this engine, if any
+        self._holding: dict[str, Request] = {}  # live requests that hold a LoRA adapter, by id
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a prepared prompt; returns its id. An over-long prompt or one that can never fit raises here."""
@@ -72,18 +75,51 @@ class Engine:
             while request.request_id in self.scheduler.requests:  # a caller may have taken a generated name
                 request.request_id = Request.new_id()
         self.scheduler.add(request)
+        if prompt.adapter is not None:
+            request.adapter = self.runner.lora.acquire(prompt.adapter)
+            self._holding[request.request_id] = request
         return request.request_id
 
     def check(self, prompt: Prompt, params: SamplingParams) -> None:
         """Raise what add_request would for this pair (a front end asks before it answers 200)."""
         check_request(prompt, params, self.max_context, self.vocab_size)
+        if prompt.adapter is not None:
+            if self.runner.lora is None:
+                raise AdapterNotFoundError(f"no adapter named {prompt.adapter!r} is loaded (none is)")
+            self.runner.lora.check(prompt.adapter)
+
+    def load_adapter(self, path: str | os.PathLike, name: str) -> Loaded:
+        """Load a PEFT LoRA adapter under ``name`` (requests then name it in ``Prompt.adapter``).
+        An engine built without slots (max_loras=0) makes 4 of rank up to max(16, the adapter's)."""
+        lora = self.runner.lora
+        if lora is None:
+            rank = max(self.options.max_lora_rank, adapter_rank(path))
+            lora = self.runner.enable_lora(4, rank)
+        return lora.load(path, name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter: new requests cannot name it; running ones finish with it."""
+        if self.runner.lora is None:
+            raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (none is)")
+        self.runner.lora.unload(name)
+
+    @property
+    def adapters(self) -> list[Loaded]:
+        return list(self.runner.lora.loaded.values()) if self.runner.lora is not None else []
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks; False if it was not running or waiting."""
         request = self.scheduler.abort(request_id)
         if request is not None:
             self.sampler.forget(request_id)
+            self._release(request_id)
         return request is not None
+
+    def _release(self, request_id: str) -> None:
+        """A finished request's hold on its adapter's slot (see LoraManager.unload)."""
+        request = self._holding.pop(request_id, None)
+        if request is not None:
+            self.runner.lora.release(request.adapter)
 
     @property
     def has_unfinished(self) -> bool:
@@ -130,6 +166,7 @@ class Engine:
         for output in outputs:
             if output.finished:
                 self.sampler.forget(output.request_id)
+                self._release(output.request_id)
         return outputs
 
     def run(self, request_ids: set[str]) -> Iterator[RequestOutput]:

@@ -16,12 +16,13 @@ import torch
 
 from qwen2audio.engine.request import Request
 from qwen2audio.model.attention import AttentionMetadata, KVCache
+from qwen2audio.model.lora import LoraContext
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-_FIELDS = 4  # per row: token id, position, slot, context length; then the block table
+_FIELDS = 5  # per row: token id, position, slot, context length, LoRA slot; then the block table
 
 
 class StaticDecoder:
@@ -50,6 +51,8 @@ class StaticDecoder:
         self._pad(self.hosts[0], 0, rows)
         self.inputs.copy_(self.hosts[0])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora: LoraContext | None = None  # set by the runner when the engine has adapter slots
+        self._capturing = self._adapters = False
 
     def bucket(self, num_seqs: int) -> int | None:
         """The padded batch size for ``num_seqs`` decodes; None if it is past the largest bucket."""
@@ -67,6 +70,7 @@ class StaticDecoder:
         host = self.hosts[self.turn]
         self.turn ^= 1
         self._fill(host, requests, size, ahead)
+        self._adapters = any(request.adapter is not None for request in requests)
         self.inputs[:size].copy_(host[:size], non_blocking=True)
         if tokens is not None:
             self.inputs[: len(requests), 0].copy_(tokens)
@@ -95,7 +99,7 @@ class StaticDecoder:
         """Record one graph per bucket, largest first so that the smaller ones reuse its memory pool."""
         started = time.perf_counter()
         torch.cuda.synchronize()
-        pool = None
+        self.graphs, pool, self._capturing = {}, None, True
         for size in reversed(self.buckets):
             for _ in range(2):  # first launches compile the Triton kernels and pick cuBLAS algorithms
                 self._forward(size)
@@ -106,6 +110,7 @@ class StaticDecoder:
             pool = graph.pool()
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
+        self._capturing = False
         logger.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.graphs),
                     self.buckets, time.perf_counter() - started)
 
@@ -114,8 +119,11 @@ class StaticDecoder:
         meta = AttentionMetadata(
             [1] * size, [self.width * self.block_size] * size, rows[:, 2], rows[:, _FIELDS:], 0, rows[:, 3],
         )
-        hidden = self.network(rows[:, 0], rows[:, 1], meta, self.caches)  # [size, hidden]
-        return self.network.logits(hidden)
+        every_layer = self._capturing or bool(self.graphs)  # a graph holds the products of every slot
+        if self.lora is None or not (every_layer or self._adapters):
+            return self.network.logits(self.network(rows[:, 0], rows[:, 1], meta, self.caches))
+        with self.lora.using(every_layer, decoder=rows[:, 4], head=rows[:, 4]):
+            return self.network.logits(self.network(rows[:, 0], rows[:, 1], meta, self.caches))
 
     def _fill(self, host_buffer: torch.Tensor, requests: Sequence[Request], size: int, ahead: int) -> None:
         """Write this step's rows into a pinned host buffer (a numpy view: no per-element torch calls)."""
@@ -128,11 +136,12 @@ class StaticDecoder:
             line[1] = position
             line[2] = request.table.slot(position, self.block_size)
             line[3] = position + 1
+            line[4] = request.adapter.slot if request.adapter is not None else 0
             line[_FIELDS:_FIELDS + len(blocks)] = blocks
         self._pad(host_buffer, len(requests), size)
 
     def _pad(self, host_buffer: torch.Tensor, start: int, stop: int) -> None:
         """Rows [start, stop): token 0 at position 0, written to and reading only the scratch block."""
         host = host_buffer.numpy()
-        host[start:stop, :_FIELDS] = (0, 0, self.scratch_block * self.block_size, 1)
+        host[start:stop, :_FIELDS] = (0, 0, self.scratch_block * self.block_size, 1, 0)
         host[start:stop, _FIELDS:] = self.scratch_block

@@ -19,7 +19,11 @@ class EngineOptions:
     ``compile_decode`` (CPU) runs decode steps through one torch.compile'd graph of the decoder:
     faster decoding (the eager step's small ops cost milliseconds a token) for a one-time compile
     of tens of seconds per batch-size class (one sequence; 2-16), when first needed. It needs a C++
-    compiler; the linear layers stay plain torch ones (no oneDNN conversion)."""
+    compiler; the linear layers stay plain torch ones (no oneDNN conversion).
+
+    ``max_loras`` > 0 gives the engine that many LoRA adapter slots of rank up to
+    ``max_lora_rank`` (model/lora.py), so requests for several adapters and the base model share
+    batches; their buffers are made for every linear layer when the engine is built."""
 
     block_size: int = 16
     kv_cache_bytes: int | None = None
@@ -38,3 +42,5 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" (e4m3: half the KV bytes)
     async_decode: bool | None = None  # launch decode step n+1 before reading step n (None: with CUDA graphs)
     compile_decode: bool = False  # CPU: decode steps of up to 16 sequences through torch.compile (see below)
+    max_loras: int = 0  # LoRA adapter slots (0: none until Engine.load_adapter makes some)
+    max_lora_rank: int = 16  # the largest adapter rank the slots hold

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from qwen2audio.audio.segment import Window
+    from qwen2audio.model.lora import Loaded
 
 
 MAX_TEMPERATURE = 2.0  # OpenAI's; the one limit for the API, the CLI, the server and the web page
@@ -57,6 +58,7 @@ class Prompt:
     digests: list[str]
     lengths: list[int]  # audio tokens of each clip
     windows: list[list[Window]] = field(default_factory=list)  # where each clip is cut for the encoder
+    adapter: str | None = None  # the LoRA adapter (by its loaded name) that answers; None: the base model
 
     @property
     def num_tokens(self) -> int:
@@ -174,6 +176,7 @@ class Request:
     num_computed: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    adapter: Loaded | None = None  # the LoRA adapter's slot, held while the request lives
     _hashes: tuple[int, list[bytes]] | None = field(default=None, repr=False)  # (num_tokens, hashes)
 
     @staticmethod
@@ -196,7 +199,9 @@ class Request:
         """Chained hashes of the full blocks of this request's tokens (audio keyed by clip digest),
         kept until it grows: a request waiting at the head of the queue is asked at every step."""
         if self._hashes is None or self._hashes[0] != self.num_tokens:
-            self._hashes = (self.num_tokens, block_hashes(token_keys(self.all_ids, self.prompt.spans), block_size))
+            keys = token_keys(self.all_ids, self.prompt.spans)
+            seed = self.adapter.key.encode() if self.adapter is not None else b""  # an adapter's keys differ
+            self._hashes = (self.num_tokens, block_hashes(keys, block_size, seed))
         return self._hashes[1]
 
     def length_reached(self, pending: int = 0) -> bool:

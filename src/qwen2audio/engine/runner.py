@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +24,7 @@ from qwen2audio.engine.request import Request
 from qwen2audio.engine.scheduler import ScheduledStep
 from qwen2audio.model.attention import AttentionMetadata, KVCache, kv_cache_dtype
 from qwen2audio.model.inputs import Chunk, flatten
+from qwen2audio.model.lora import Loaded, LoraManager
 from qwen2audio.model.quant import DECODE_ROWS
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 
@@ -87,8 +89,21 @@ class ModelRunner:
             for _ in range(text.num_hidden_layers)
         ]
         self.encoder_cache = EncoderCache(options.encoder_cache_bytes)
+        self.lora = LoraManager(network, options.max_loras, options.max_lora_rank) if options.max_loras > 0 else None
         self.static = self._static_decoder(options)
         self.compiled = self._compiled_decoder(options)
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> LoraManager:
+        """Adapter slots for an engine built without them: the decode graphs are captured again
+        with the low-rank products in them (the compiled CPU step is dropped: it takes no adapters)."""
+        if self.lora is None:
+            self.lora = LoraManager(self.network, max_loras, max_rank)
+            self.compiled = None
+            if self.static is not None:
+                self.static.lora = self.lora.context
+                if self.static.graphs:
+                    self.static.capture()
+        return self.lora
 
     def _kv_blocks(self, options: EngineOptions) -> int:
         per_block = kv_bytes_per_block(self.network, self.block_size, self.cache_dtype)
@@ -115,6 +130,7 @@ class ModelRunner:
             return None
         static = StaticDecoder(self.network, self.caches, self.block_size, self.scratch_block,
                                self.network.config.text.max_position_embeddings, max_batch)
+        static.lora = self.lora.context if self.lora is not None else None
         if graphs:
             try:
                 static.capture()
@@ -126,6 +142,9 @@ class ModelRunner:
     def _compiled_decoder(self, options: EngineOptions) -> CompiledDecoder | None:
         """The torch.compile'd decode step, where asked for (CUDA has its graphs instead)."""
         if not options.compile_decode or self.static is not None:
+            return None
+        if self.lora is not None:
+            logger.warning("no compiled decode step: it does not take LoRA adapters")
             return None
         if self.network.backend.onednn:
             logger.warning("no compiled decode step: the network has oneDNN linear layers (load it with "
@@ -148,18 +167,30 @@ class ModelRunner:
         inputs = flatten(chunks, self.device)
         slots = [r.table.slot(p, self.block_size) for r, c in zip(requests, chunks, strict=True) for p in c.positions]
         meta = self._metadata(requests, inputs.query_lens, slots, len(step.prefills))
-        hidden = self.network(inputs.input_ids, inputs.positions, meta, self.caches, inputs.audio_embeds,
-                              inputs.audio_index)
-        return self.network.logits(hidden[inputs.last_rows])
+        with self._adapters(requests, inputs.query_lens):
+            hidden = self.network(inputs.input_ids, inputs.positions, meta, self.caches, inputs.audio_embeds,
+                                  inputs.audio_index)
+            return self.network.logits(hidden[inputs.last_rows])
+
+    def _adapters(self, requests: Sequence[Request], query_lens: list[int]) -> AbstractContextManager[None]:
+        """The LoRA slot of every row (decoder) and every request (output layer), where any has one."""
+        if self.lora is None or all(r.adapter is None for r in requests):
+            return nullcontext()
+        slots = [r.adapter.slot if r.adapter is not None else 0 for r in requests]
+        head = torch.tensor(slots, device=self.device)
+        return self.lora.context.using(decoder=head.repeat_interleave(torch.tensor(query_lens, device=self.device)),
+                                       head=head)
 
     def _chunks(self, step: ScheduledStep) -> list[Chunk]:
         """What each request computes: a prefill its uncached tokens (with the audio they cover),
         a decode the token sampled last step (no need to copy the whole history)."""
-        embeds = self._encode([clip for r in step.prefills
-                               for clip in zip(r.prompt.digests, r.prompt.audios, r.prompt.windows, strict=True)])
+        embeds = self._encode([(_clip_key(digest, r.adapter), samples, windows, r.adapter)
+                               for r in step.prefills
+                               for digest, samples, windows in zip(r.prompt.digests, r.prompt.audios,
+                                                                   r.prompt.windows, strict=True)])
         chunks = [Chunk(r.all_ids[r.num_computed:], r.num_computed,
-                        [(offset, embeds[digest]) for offset, digest in zip(r.prompt.offsets, r.prompt.digests,
-                                                                            strict=True)])
+                        [(offset, embeds[_clip_key(digest, r.adapter)])
+                         for offset, digest in zip(r.prompt.offsets, r.prompt.digests, strict=True)])
                   for r in step.prefills]
         return chunks + [Chunk([r.output_ids[-1]], r.num_tokens - 1) for r in step.decodes]
 
@@ -175,22 +206,43 @@ class ModelRunner:
             num_prefills, torch.tensor(context[num_prefills:], device=self.device),
         )
 
-    def _encode(self, clips: Sequence[tuple[str, np.ndarray, list[Window]]]) -> dict[str, torch.Tensor]:
-        """Embeddings per digest: cached ones reused, the rest encoded in one batch over their windows."""
+    def _encode(self, clips: Sequence[tuple[str, np.ndarray, list[Window], Loaded | None]]
+                ) -> dict[str, torch.Tensor]:
+        """Embeddings per clip key (see _clip_key): cached ones reused, the rest encoded in one batch
+        over their windows."""
         found: dict[str, torch.Tensor] = {}
-        missing: dict[str, tuple[np.ndarray, list[Window]]] = {}
-        for digest, samples, windows in clips:
-            cached = self.encoder_cache.get(digest)
+        missing: dict[str, tuple[np.ndarray, list[Window], Loaded | None]] = {}
+        for key, samples, windows, adapter in clips:
+            cached = self.encoder_cache.get(key)
             if cached is not None:
-                found[digest] = cached
-            elif digest not in missing:
-                missing[digest] = samples, windows
+                found[key] = cached
+            elif key not in missing:
+                missing[key] = samples, windows, adapter
         if missing:
             self.encoder_cache.misses += len(missing)
-            feats = self.features([s for s, _ in missing.values()], device=self.device,
-                                  windows=[w for _, w in missing.values()])
-            rows = self.network.encode_audio(feats.input_features, feats.feature_attention_mask, feats.window_tokens)
-            for digest, clip_rows in zip(missing, rows.split(feats.token_counts), strict=True):
-                found[digest] = clip_rows
-                self.encoder_cache.put(digest, clip_rows)
+            feats = self.features([s for s, _, _ in missing.values()], device=self.device,
+                                  windows=[w for _, w, _ in missing.values()])
+            with self._audio_adapters([a for _, _, a in missing.values()], feats.window_counts, feats.window_tokens):
+                rows = self.network.encode_audio(feats.input_features, feats.feature_attention_mask,
+                                                 feats.window_tokens)
+            for key, clip_rows in zip(missing, rows.split(feats.token_counts), strict=True):
+                found[key] = clip_rows
+                self.encoder_cache.put(key, clip_rows)
         return found
+
+    def _audio_adapters(self, adapters: list[Loaded | None], window_counts: list[int], window_tokens: list[int]
+                        ) -> AbstractContextManager[None]:
+        """The LoRA slot of every window (encoder) and audio row (projector), where a clip's adapter
+        changes the audio side."""
+        if self.lora is None or not any(a is not None and a.audio for a in adapters):
+            return nullcontext()
+        slots = [a.slot if a is not None and a.audio else 0 for a in adapters]
+        windows = torch.tensor(slots, device=self.device).repeat_interleave(torch.tensor(window_counts,
+                                                                                         device=self.device))
+        return self.lora.context.using(
+            encoder=windows, projector=windows.repeat_interleave(torch.tensor(window_tokens, device=self.device)))
+
+
+def _clip_key(digest: str, adapter: Loaded | None) -> str:
+    """The encoder cache's key: the clip's digest, and the adapter's where it changes the audio side."""
+    return f"{digest}@{adapter.key}" if adapter is not None and adapter.audio else digest

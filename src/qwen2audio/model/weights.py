@@ -140,7 +140,7 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def _destination(name: str) -> tuple[str, int, int]:
+def fused_destination(name: str) -> tuple[str, int, int]:
     """(parameter name, part index, number of parts) for a canonical checkpoint key."""
     for pattern, fused, parts in _FUSED:
         match = pattern.match(name)
@@ -287,7 +287,7 @@ def _plan(
     groups: dict[str, list[tuple[int, int, str, TensorEntry]]] = {}
     unexpected = []
     for name, entry in entries.items():
-        param_name, part, parts = _destination(name)
+        param_name, part, parts = fused_destination(name)
         if param_name not in params:
             if not (tied and name == "language_model.lm_head.weight"):
                 unexpected.append(name)
