@@ -210,3 +210,136 @@ def test_rank_over_the_limit_and_full_slots_and_names_are_refused(setup, model, 
         model.unload_adapter("third")
     with pytest.raises(AdapterError, match=r"no adapter_config\.json"):
         model.load_adapter(tmp_path, "empty")
+
+
+def wav_base64(clip: np.ndarray) -> str:
+    import base64
+    import io
+
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, clip, 16000, format="WAV", subtype="FLOAT")  # float samples: the oracle's exactly
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def sdk_messages(k: int) -> list[dict]:
+    question = PROMPTS[k][0]["content"][1]["text"]
+    return [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": wav_base64(CLIPS[k]), "format": "wav"}},
+        {"type": "text", "text": question}]}]
+
+
+def test_server_serves_adapters_by_model_name_loads_and_unloads_them(setup):
+    """The openai SDK against a live server: two adapters (one loaded at run time) and the base at
+    once, each with its oracle's reply; /v1/models lists the adapters; unknown and unloaded: 404."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import openai
+
+    from qwen2audio.server.app import ServerOptions, create_app
+
+    from serving import Running
+
+    checkpoint, adapters, expected = setup
+    model = Qwen2Audio.from_pretrained(checkpoint, device="cpu", dtype="float32", progress=False,
+                                       engine_options=EngineOptions(max_loras=2, max_lora_rank=8))
+    model.load_adapter(adapters["dec"], "dec")
+    running = Running(create_app(model, ServerOptions(served_model_name="base", api_key="secret")))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="secret", max_retries=0)
+        url = running.url + "/v1/load_lora_adapter"
+        body = {"lora_name": "audio", "lora_path": str(adapters["audio"])}
+        assert httpx.post(url, json=body).status_code == 401  # behind the API key
+        loaded = httpx.post(url, json=body, headers={"Authorization": "Bearer secret"})
+        assert loaded.status_code == 200 and "audio" in loaded.text
+        again = httpx.post(url, json=body, headers={"Authorization": "Bearer secret"})
+        assert again.status_code == 400 and "already loaded" in again.json()["error"]["message"]
+
+        listed = {m.id: m for m in client.models.list().data}
+        assert set(listed) == {"base", "dec", "audio"}
+        assert listed["dec"].parent == "base" and listed["dec"].root == str(adapters["dec"])
+
+        def ask(job: tuple[str, int]) -> str:
+            name, k = job
+            reply = client.chat.completions.create(model=name, messages=sdk_messages(k), max_tokens=NEW_TOKENS,
+                                                   temperature=0, extra_body={"min_tokens": NEW_TOKENS})
+            return reply.choices[0].message.content
+
+        jobs = [(name, k) for k in range(len(PROMPTS)) for name in ("dec", "audio", "base")]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(ask, jobs))
+        decode = model.processor.tokenizer.decode
+        assert got == [decode(expected[None if n == "base" else n, k], skip_special_tokens=True) for n, k in jobs]
+
+        with pytest.raises(openai.NotFoundError, match="model_not_found|does not exist"):
+            client.chat.completions.create(model="nope", messages=sdk_messages(0), max_tokens=2)
+        unload = httpx.post(running.url + "/v1/unload_lora_adapter", json={"lora_name": "dec"},
+                            headers={"Authorization": "Bearer secret"})
+        assert unload.status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="dec", messages=sdk_messages(0), max_tokens=2)
+        missing = httpx.post(running.url + "/v1/unload_lora_adapter", json={"lora_name": "dec"},
+                             headers={"Authorization": "Bearer secret"})
+        assert missing.status_code == 404
+        bad = httpx.post(url, json={"lora_name": "bad", "lora_path": str(checkpoint)},
+                         headers={"Authorization": "Bearer secret"})
+        assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
+        assert ask(("audio", 1)) == decode(expected["audio", 1], skip_special_tokens=True)  # still serving
+        assert {m.id for m in client.models.list().data} == {"base", "audio"}
+    finally:
+        running.stop()
+
+
+def test_mixed_batches_through_the_static_decoder_and_a_warm_prefix_cache(setup):
+    """The fixed buffers CUDA graphs replay (run eagerly here), each row with its own slot; the base
+    model's prompt blocks are cached first, and the adapters must not reuse them."""
+    checkpoint, adapters, expected = setup
+    model = Qwen2Audio.from_pretrained(checkpoint, device="cpu", dtype="float32", progress=False,
+                                       engine_options=EngineOptions(max_loras=2, max_lora_rank=8, static_decode=True,
+                                                                    max_graph_batch=8))
+    for name, path in adapters.items():
+        model.load_adapter(path, name)
+    assert model.engine.runner.static is not None
+    sampling = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "temperature": 0}
+    assert [model.chat(item, **sampling).token_ids for item in PROMPTS] == [expected[None, k] for k in range(2)]
+    prompts = [replace(model.processor.prepare(item), adapter=name) for item in PROMPTS for name in ("audio", "dec")]
+    replies = model.generate_prepared(prompts, **sampling)
+    assert [r.token_ids for r in replies] == [expected[name, k] for k in range(2) for name in ("audio", "dec")]
+
+
+def test_cli_lora_option(setup, tmp_path, capsys):
+    import soundfile
+
+    from qwen2audio import cli
+
+    checkpoint, adapters, expected = setup
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, CLIPS[1], 16000, subtype="FLOAT")
+    common = ["--model", str(checkpoint), "--device", "cpu", "--dtype", "float32", "--quiet"]
+    question = PROMPTS[1][0]["content"][1]["text"]
+    capsys.readouterr()
+    assert cli.main(["run", *common, "--lora", str(adapters["audio"]), "--audio", str(wav), "--prompt", question,
+                     "--temperature", "0", "--max-new-tokens", str(NEW_TOKENS), "--json"]) == 0
+    ids = json.loads(capsys.readouterr().out)["token_ids"]
+    assert ids and ids == expected["audio", 1][:len(ids)]  # the oracle's, up to an end token it was kept from
+    assert cli.main(["run", *common, "--lora", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--lora" in error and "nowhere" in error
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lora-modules", "nameonly"], "give NAME=PATH"),
+    (["--lora-modules", "a=x", "b=y", "--max-loras", "1"], "--max-loras 1 holds fewer adapters than the 2"),
+    (["--lora-modules", "a=x", "a=y"], "names an adapter twice"),
+    (["--lora-modules", "a=x", "--replicas", "2"], "served by one engine"),
+])
+def test_serve_lora_flags_are_checked_before_loading(tmp_path, capsys, flags, message):
+    from qwen2audio import cli
+
+    try:
+        code = cli.main(["serve", str(tmp_path / "never-read"), "--device", "cpu", *flags])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err

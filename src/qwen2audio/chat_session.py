@@ -36,8 +36,10 @@ def user_message(audios: Sequence[str], text: str | None) -> dict[str, Any]:
 
 
 class ChatSession:
-    def __init__(self, model: Qwen2Audio, sampling: dict[str, Any], system: str | None = None) -> None:
+    def __init__(self, model: Qwen2Audio, sampling: dict[str, Any], system: str | None = None,
+                 adapter: str | None = None) -> None:
         self.model = model
+        self.adapter = adapter
         self.sampling = sampling
         self.system = system
         self.messages: list[dict[str, Any]] = []
@@ -94,7 +96,7 @@ class ChatSession:
 
     def turn(self, text: str, stdout: IO[str]) -> None:
         user = user_message(self.pending_audio, text)
-        stream = self.model.chat([*self.messages, user], stream=True, **self.sampling)
+        stream = self.model.chat([*self.messages, user], stream=True, adapter=self.adapter, **self.sampling)
         reply: list[str] = []
         with _ctrl_c_stops() as stopped:
             for delta in stream:

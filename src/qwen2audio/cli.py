@@ -70,6 +70,24 @@ def _load_model(args: argparse.Namespace) -> Any:
                                       quantization_group_size=args.quantization_group_size)
 
 
+def _adapter(args: argparse.Namespace, model: Any) -> str | None:
+    """``--lora PATH``: the adapter every reply of this command comes from (its name: the folder's)."""
+    if not args.lora:
+        return None
+    from qwen2audio.errors import AdapterError
+
+    try:
+        return model.load_adapter(args.lora)
+    except AdapterError as exc:
+        raise InputError(f"--lora {args.lora}: {exc}") from None
+
+
+def _lora_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", metavar="PATH",
+                        help="a LoRA adapter (PEFT's format: a directory with adapter_config.json and "
+                             "adapter_model.safetensors, or a hub id) that answers instead of the base model")
+
+
 def _quantization_label(args: argparse.Namespace) -> str | None:
     from qwen2audio import parse_quantization
 
@@ -92,6 +110,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     SamplingParams(**_sampling(args))  # a bad value fails here, before the model loads
     audios = [_decoded(path) for path in args.audio]
     model = _load_model(args)
+    adapter = _adapter(args, model)
     if args.raw:
         from qwen2audio import AUDIO_PLACEHOLDER, AUDIO_TOKEN
 
@@ -99,13 +118,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if audios and AUDIO_TOKEN not in prompt:
             prompt = AUDIO_PLACEHOLDER * len(audios) + prompt
         if args.json:
-            return _print_json(model.complete(prompt, audios, **_sampling(args)))
-        stream = model.complete(prompt, audios, stream=True, **_sampling(args))
+            return _print_json(model.complete(prompt, audios, adapter=adapter, **_sampling(args)))
+        stream = model.complete(prompt, audios, stream=True, adapter=adapter, **_sampling(args))
     else:
         messages = _turn(args.system, audios, args.prompt)
         if args.json:
-            return _print_json(model.chat(messages, **_sampling(args)))
-        stream = model.chat(messages, stream=True, **_sampling(args))
+            return _print_json(model.chat(messages, adapter=adapter, **_sampling(args)))
+        stream = model.chat(messages, stream=True, adapter=adapter, **_sampling(args))
     for delta in stream:
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -142,7 +161,8 @@ def _print_json(completion: Any) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from qwen2audio.chat_session import ChatSession
 
-    session = ChatSession(_load_model(args), _sampling(args), system=args.system)
+    model = _load_model(args)
+    session = ChatSession(model, _sampling(args), system=args.system, adapter=_adapter(args, model))
     return session.loop(sys.stdin, sys.stdout, sys.stderr)
 
 
@@ -156,9 +176,10 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     if args.output_dir:
         _check_distinct_outputs(found, args.format)
         _make_folder(args.output_dir, "--output-dir")
-    transcriber = Transcriber(_load_model(args), language=args.language, task=args.task,
+    model = _load_model(args)
+    transcriber = Transcriber(model, language=args.language, task=args.task,
                               max_new_tokens=args.max_new_tokens or WINDOW_TOKENS, segmentation=args.segmentation,
-                              details=args.format == "json")
+                              details=args.format == "json", adapter=_adapter(args, model))
 
     def write(result: Any) -> None:
         _write_transcript(result, args, Path(names[result.path]), many=len(found) > 1)
@@ -373,12 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", help="system prompt (default: the chat template's)")
     run.add_argument("--raw", action="store_true", help="base-model prompt; <|AUDIO|> takes the audios in order")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _lora_option(run)
     _sampling_options(run)
     run.set_defaults(handler=_cmd_run)
 
     chat = command("chat", "interactive multi-turn chat (voice chat and audio analysis)")
     _common(chat)
     chat.add_argument("--system", help="system prompt (default: the chat template's)")
+    _lora_option(chat)
     _sampling_options(chat)
     chat.set_defaults(handler=_cmd_chat)
 
@@ -395,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--include", metavar="GLOB",
                             help="in directories (searched with their subfolders), only files whose path "
                                  "inside matches GLOB, e.g. '*.m4a' (default: every audio file)")
+    _lora_option(transcribe)
     transcribe.set_defaults(handler=_cmd_transcribe)
 
     serve = command("serve", "OpenAI-compatible HTTP server (chat, completions, audio transcriptions)")

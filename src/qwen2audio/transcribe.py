@@ -14,7 +14,7 @@ import pathlib
 import re
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -158,7 +158,7 @@ class Transcriber:
     def __init__(self, model: Qwen2Audio, language: str | None = None, task: str = "transcribe",
                  max_new_tokens: int = WINDOW_TOKENS, chat: bool | None = None,
                  segmentation: Segmentation = "vad", temperature: float = 0.0, details: bool = False,
-                 context: str | None = None) -> None:
+                 context: str | None = None, adapter: str | None = None) -> None:
         if task not in ("transcribe", "translate"):
             raise InputError(f"task must be transcribe or translate, not {task!r}")
         if language is not None and language not in LANGUAGES:
@@ -180,6 +180,7 @@ class Transcriber:
         if context and not self.chat:
             raise InputError("a transcription prompt needs a chat checkpoint (the base model's task prompts take none)")
         self.context = context  # OpenAI's `prompt`: told to the model in the instruction
+        self.adapter = adapter  # a loaded LoRA adapter's name: it answers every window
 
     def prompt(self) -> str | list[dict[str, Any]]:
         """The raw task prompt (base checkpoints) or a one-turn conversation with its audio part empty."""
@@ -206,7 +207,7 @@ class Transcriber:
             no_speech = no_speech_probability(clip) if self.details else 0.0  # a second VAD pass: only if shown
             transcript.segments.append(Segment(*window.seconds, "", no_speech_prob=no_speech,
                                                temperature=self.params.temperature))
-            prompts.append(processor.prepare(self._item(clip), iter([clip])))
+            prompts.append(replace(processor.prepare(self._item(clip), iter([clip])), adapter=self.adapter))
         return transcript, prompts
 
     async def run(self, transcript: Transcript, prompts: Sequence[Prompt], generate: Generate) -> Transcript:

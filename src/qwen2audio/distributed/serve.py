@@ -21,7 +21,7 @@ from typing import Any
 from qwen2audio.engine.core import check_request
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
 from qwen2audio.engine.scheduler import EngineStats
-from qwen2audio.errors import InputError
+from qwen2audio.errors import AdapterError, AdapterNotFoundError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,16 @@ class RemoteEngine:
         self.vocab_size = limits["vocab_size"]
         self.stats = EngineStats()
         self.replicas = 0
+        self.adapters: list = []  # LoRA adapters are served by a single engine (serve without --replicas)
 
     def check(self, prompt: Prompt, params: SamplingParams) -> None:
         check_request(prompt, params, self.max_context, self.vocab_size)
+
+    async def load_adapter(self, path: str, name: str) -> None:
+        raise AdapterError("LoRA adapters are not served by Ray replicas yet: serve them without --replicas")
+
+    def unload_adapter(self, name: str) -> None:
+        raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (Ray replicas serve none)")
 
     def shutdown(self) -> None:
         """Nothing to stop here: the replicas are Serve's."""

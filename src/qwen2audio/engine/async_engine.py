@@ -23,6 +23,8 @@ import torch
 from qwen2audio.engine.core import Engine
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
 from qwen2audio.engine.scheduler import EngineStats
+from qwen2audio.errors import AdapterError
+from qwen2audio.model.lora import Loaded
 
 logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5  # how long an idle loop waits for a command before looking at its stop flag
@@ -82,6 +84,22 @@ class AsyncEngine:
     def check(self, prompt: Prompt, params: SamplingParams) -> None:
         """Raise what submitting this pair would (validation only: safe from any thread)."""
         self.engine.check(prompt, params)
+
+    @property
+    def adapters(self) -> list[Loaded]:
+        return self.engine.adapters
+
+    async def load_adapter(self, path: str, name: str) -> Loaded:
+        """Load a LoRA adapter into a free slot while the engine keeps stepping (the slots are
+        locked; reading the files happens off the event loop)."""
+        lora = self.engine.runner.lora
+        if lora is None:
+            raise AdapterError("this engine has no adapter slots: start the server with --enable-lora "
+                               "(or --lora-modules)")
+        return await asyncio.to_thread(lora.load, path, name)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -36,7 +36,12 @@ from qwen2audio.server.errors import HANDLERS, APIError
 from qwen2audio.server.media import MediaPolicy, count_audio_parts, resolve_messages
 from qwen2audio.server.metrics import Metrics
 from qwen2audio.server.middleware import BodyLimit, Gate
-from qwen2audio.server.protocol import ChatCompletionRequest, CompletionRequest
+from qwen2audio.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
 from qwen2audio.transcribe import WINDOW_TOKENS, Transcriber
 
 logger = logging.getLogger(__name__)
@@ -93,11 +98,16 @@ class Server:
         with self.holding(count):
             yield
 
-    def check_model(self, name: str | None) -> None:
-        if name and name not in self.options.names:
-            raise APIError(404, f"The model `{name}` does not exist or you do not have access to it (this server "
-                                f"serves {', '.join(repr(n) for n in self.options.names)})",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); an unknown name is a 404."""
+        if not name or name in self.options.names:
+            return None
+        adapters = [loaded.name for loaded in self.engine.adapters]
+        if name in adapters:
+            return name
+        served = ", ".join(repr(n) for n in [*self.options.names, *adapters])
+        raise APIError(404, f"The model `{name}` does not exist or you do not have access to it (this server "
+                            f"serves {served})", param="model", code="model_not_found")
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """An engine request's outputs, counted in the metrics; a failed generation is a 500."""
@@ -187,23 +197,46 @@ async def metrics(request: Request) -> Response:
 async def models(request: Request) -> dict[str, Any]:
     server = _server(request)
     created = int(time.time())
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "qwen2audio", "root": name, "parent": None,
-         "max_model_len": server.max_model_len} for name in server.options.names]}
+    base = [{"id": name, "object": "model", "created": created, "owned_by": "qwen2audio", "root": name,
+             "parent": None, "max_model_len": server.max_model_len} for name in server.options.names]
+    adapters = [{"id": loaded.name, "object": "model", "created": created, "owned_by": "qwen2audio",
+                 "root": loaded.path, "parent": server.options.names[0], "max_model_len": server.max_model_len}
+                for loaded in server.engine.adapters]
+    return {"object": "list", "data": base + adapters}
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request) -> Response:
+    """vLLM's route: {"lora_name": ..., "lora_path": ...} loads an adapter while serving."""
+    server = _server(request)
+    body = await _parse(request, LoadLoraRequest)
+    if body.lora_name in server.options.names:
+        raise APIError(400, f"the adapter name {body.lora_name!r} is the base model's", param="lora_name")
+    await server.engine.load_adapter(body.lora_path, body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request) -> Response:
+    """vLLM's route: {"lora_name": ...}; requests running on the adapter finish with it."""
+    server = _server(request)
+    body = await _parse(request, UnloadLoraRequest)
+    server.engine.unload_adapter(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     server = _server(request)
     body = await _parse(request, ChatCompletionRequest)
-    server.check_model(body.model)
+    adapter = server.check_model(body.model)
     messages = [m.model_dump() for m in body.messages]
     for message in messages:
         if message["role"] == "developer":
             message["role"] = "system"
     _check_audio_count(server, count_audio_parts(messages))
     resolved = await asyncio.to_thread(resolve_messages, messages, server.options.media)
-    prompt = await asyncio.to_thread(server.model.processor.prepare, resolved)
+    prompt = replace(await asyncio.to_thread(server.model.processor.prepare, resolved), adapter=adapter)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     choices = [responses.Choice(k, prompt, _params(server, body, prompt, logprobs, k)) for k in range(body.n)]
     return await _respond(server, request, body, choices, prompt.num_tokens, chat=True)
@@ -213,9 +246,9 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     server = _server(request)
     body = await _parse(request, CompletionRequest)
-    server.check_model(body.model)
+    adapter = server.check_model(body.model)
     _check_audio_count(server, len(body.audio))
-    prompts = await _completion_prompts(server, body)
+    prompts = [(replace(prompt, adapter=adapter), echo) for prompt, echo in await _completion_prompts(server, body)]
     choices = [responses.Choice(p * body.n + k, prompt, _params(server, body, prompt, body.logprobs, k), echo)
                for p, (prompt, echo) in enumerate(prompts) for k in range(body.n)]
     total = sum(prompt.num_tokens for prompt, _ in prompts)
@@ -380,7 +413,7 @@ async def _transcription(request: Request, task: str) -> Response:
     """Whisper's routes, through the same driver as `qwen2audio transcribe` (Transcriber.run)."""
     server = _server(request)
     form = await request.form()
-    server.check_model(str(form.get("model") or "") or None)
+    adapter = server.check_model(str(form.get("model") or "") or None)
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise APIError(400, "the multipart field 'file' (the audio) is required", param="file")
@@ -401,7 +434,7 @@ async def _transcription(request: Request, task: str) -> Response:
                               max_new_tokens=_form_int(form, "max_completion_tokens", WINDOW_TOKENS),
                               segmentation=str(form.get("segmentation") or server.model.processor.segmentation),
                               temperature=_form_float(form, "temperature", 0.0), details=fmt == "verbose_json",
-                              context=str(form.get("prompt") or "") or None)
+                              context=str(form.get("prompt") or "") or None, adapter=adapter)
     samples = await asyncio.to_thread(load_audio, data)
     transcript, prompts = await asyncio.to_thread(transcriber.plan, samples, upload.filename or "audio")
     if _form_bool(form, "stream", False):

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwen2audio.errors import ContextLengthError, InputError
+from qwen2audio.errors import AdapterNotFoundError, ContextLengthError, InputError
 from qwen2audio.server.protocol import error_body
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ async def api_error(_: Request, exc: APIError) -> JSONResponse:
 
 
 async def input_error(_: Request, exc: InputError) -> JSONResponse:
+    if isinstance(exc, AdapterNotFoundError):  # unloaded between the model check and the engine
+        return respond(404, str(exc), param="model", code="model_not_found")
     return respond(400, str(exc), code="context_length_exceeded" if isinstance(exc, ContextLengthError) else None)
 
 

@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 from qwen2audio import EngineOptions, Qwen2Audio
-from qwen2audio.errors import InputError
+from qwen2audio.errors import AdapterError, InputError
 from qwen2audio.server.app import ServerOptions, create_app
 from qwen2audio.server.media import MediaPolicy
 
@@ -68,6 +68,14 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--disable-log-requests", action="store_true", help="do not log each request")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="accepted for vLLM compatibility; no code is ever loaded from a checkpoint")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", type=_lora_module,
+                       help="LoRA adapters (PEFT's format: a directory or hub id) served beside the base model; "
+                            "a request's model picks one by NAME")
+    serve.add_argument("--enable-lora", action="store_true",
+                       help="adapter slots even without --lora-modules, for POST /v1/load_lora_adapter")
+    serve.add_argument("--max-loras", type=_positive,
+                       help="adapters loaded at once (default: 4, or as many as --lora-modules names)")
+    serve.add_argument("--max-lora-rank", type=_positive, default=16, help="the largest adapter rank")
     serve.add_argument("--replicas", type=_positive, default=1,
                        help="engine replicas on Ray Serve behind one front, routed by load (needs qwen2audio[ray]; "
                             "default: 1, a plain single-process server)")
@@ -93,12 +101,15 @@ def serve(args: argparse.Namespace) -> int:
     _check_port(args.host, args.port)
     logging.getLogger("qwen2audio").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.replicas > 1 or args.ray_address:
+        if args.lora_modules or args.enable_lora:
+            raise InputError("LoRA adapters are served by one engine: drop --replicas/--ray-address or the adapters")
         return _serve_on_ray(args, model_name, options)
     model = Qwen2Audio.from_pretrained(model_name, device=args.device, dtype=args.dtype, progress=not args.quiet,
                                        engine_options=_engine_options(args),
                                        chat_template=_chat_template(args.chat_template),
                                        segmentation=args.segmentation, quantization=args.quantization,
                                        quantization_group_size=args.quantization_group_size)
+    _load_adapters(model, args.lora_modules, options.names)
     _log_startup(model, model_name, args)
     app = create_app(model, options)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it through the handler it found:
@@ -119,7 +130,30 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def _engine_options(args: argparse.Namespace) -> EngineOptions:
-    return EngineOptions(**_engine_settings(args))
+    return EngineOptions(**_engine_settings(args), **_lora_settings(args))
+
+
+def _lora_settings(args: argparse.Namespace) -> dict[str, int]:
+    """Adapter slots where adapters are asked for (vLLM's --enable-lora, --max-loras, --max-lora-rank)."""
+    if not (args.lora_modules or args.enable_lora or args.max_loras):
+        return {}
+    names = [name for name, _ in args.lora_modules]
+    if len(set(names)) < len(names):
+        raise InputError(f"--lora-modules names an adapter twice: {', '.join(sorted(names))}")
+    slots = args.max_loras or max(4, len(names))
+    if slots < len(names):
+        raise InputError(f"--max-loras {slots} holds fewer adapters than the {len(names)} --lora-modules name")
+    return {"max_loras": slots, "max_lora_rank": args.max_lora_rank}
+
+
+def _load_adapters(model: Qwen2Audio, modules: list[tuple[str, str]], served: list[str]) -> None:
+    for name, path in modules:
+        if name in served:
+            raise InputError(f"--lora-modules {name}={path}: {name!r} is the base model's served name")
+        try:
+            model.load_adapter(path, name)
+        except AdapterError as exc:
+            raise InputError(f"--lora-modules {name}={path}: {exc}") from None
 
 
 def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,6 +243,13 @@ def _log_startup(model: Qwen2Audio, name: str, args: argparse.Namespace) -> None
                 runner.num_blocks * per_block / 2**30, runner.cache_dtype, engine.max_context)
     logger.info("serving on http://%s:%d (models: %s)", args.host, args.port,
                 ", ".join(args.served_model_name or [name]))
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=PATH (an adapter's name and its directory)")
+    return name, path
 
 
 def _port(text: str) -> int:

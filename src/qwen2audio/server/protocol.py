@@ -140,3 +140,17 @@ class CompletionRequest(_Sampling):
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's body for POST /v1/unload_lora_adapter (its lora_int_id is accepted and not needed)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
