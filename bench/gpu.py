@@ -32,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -40,6 +40,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # runs from a plain checkout, no install
+sys.path.insert(1, str(ROOT / "tests"))  # checkpoints.write_lora, for --lora
 
 from qwen2audio.config import GenerationConfig, ModelConfig  # noqa: E402
 from qwen2audio.engine.core import Engine  # noqa: E402
@@ -158,9 +159,13 @@ class Ours:
 
     engine: Engine
     processor: Processor
+    adapters: tuple[str, ...] = ()  # LoRA adapters the requests take in turn
+    submitted: int = 0
 
     def submit(self, clip: np.ndarray, params: SamplingParams) -> str:
-        return self.engine.add_request(self.processor.prepare(conversation(clip)), params)
+        adapter = self.adapters[self.submitted % len(self.adapters)] if self.adapters else None
+        self.submitted += 1
+        return self.engine.add_request(replace(self.processor.prepare(conversation(clip)), adapter=adapter), params)
 
 
 def ours_run(ours: Ours, batch: list[np.ndarray], new_tokens: int) -> tuple[float, float, float, list[list[int]]]:
@@ -390,6 +395,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quantization", nargs="+", default=[], choices=["int8", "int4", "fp8"],
                         help="also measure ours with the decoder's weights quantized from the same numbers "
                              "(logits against the unquantized network are reported)")
+    parser.add_argument("--lora", type=int, default=0, metavar="N",
+                        help="also measure ours with N LoRA adapters (every decoder projection), requests in turn")
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--check-only", action="store_true",
                         help="only the checks (fast vs eager, ours vs transformers), no timings: e.g. in float32")
     parser.add_argument("--output", help="write the figures and checks here as JSON")
@@ -450,13 +458,17 @@ class Bench:
             self.our_logits = our_prompt_logits(self.network.with_backend(Backend()), self.processor, self.probe,
                                                 self.device)
 
-    def measure(self, name: str, options: EngineOptions, network: Qwen2AudioForConditionalGeneration | None = None
-                ) -> None:
-        """Our four figures with these engine options; a side run checks its tokens against the default's."""
+    def measure(self, name: str, options: EngineOptions, network: Qwen2AudioForConditionalGeneration | None = None,
+                adapters: Sequence[pathlib.Path] = ()) -> None:
+        """Our four figures with these engine options; a side run checks its tokens against the default's
+        (not with ``adapters``, which change the replies: each request takes the next adapter)."""
         args = self.args
         with self.section(f"{name}: 1 request, then {args.requests} at once, {args.new_tokens} new tokens each"):
             engine = self.engine(options, network)
-            if options != self.options or network is not None:
+            for path in adapters:
+                engine.engine.load_adapter(path, path.name)
+            engine.adapters = tuple(path.name for path in adapters)
+            if (options != self.options or network is not None) and not adapters:
                 agree = common_prefix(ours_run(engine, [self.probe], 32)[3][0], self.fast_tokens)
                 self.report[f"{name} vs ours common prefix"] = agree
                 log(f"   greedy tokens agree with the default engine's on the first {agree} of 32")
@@ -479,6 +491,14 @@ class Bench:
         self.measure(f"ours {scheme}", self.options, network)
         del network
         release()
+
+    def measure_lora(self, count: int, rank: int) -> None:
+        """Ours with ``count`` rank-``rank`` adapters on every decoder projection, requests in turn."""
+        from checkpoints import write_lora
+
+        paths = [write_lora(self.workdir / f"lora{k}", self.workdir, rank, k) for k in range(count)]
+        options = replace(self.options, max_loras=count, max_lora_rank=rank)
+        self.measure(f"ours {count} LoRA", options, adapters=paths)
 
     def compare_with_transformers(self, timed: bool = True) -> None:
         """transformers on a copy of the same weights: logits and greedy tokens, then its figures."""
@@ -538,6 +558,8 @@ def main() -> None:
     bench.measure("ours", bench.options)
     if not args.skip_transformers:  # before the variants: a run cut by its time limit keeps the oracle check
         bench.compare_with_transformers()
+    if args.lora:
+        bench.measure_lora(args.lora, args.lora_rank)
     for scheme in args.quantization:
         bench.measure_quantized(scheme)
     if not args.no_fp8_kv:

@@ -226,3 +226,37 @@ def greedy_oracle(checkpoint: pathlib.Path, default_tokens: int = 12):
         return processor.tokenizer.decode(ids, skip_special_tokens=True), ids
 
     return reply
+
+
+def write_lora(directory: pathlib.Path, checkpoint: pathlib.Path, rank: int, seed: int, audio: bool = False,
+               scale: float = 0.05) -> pathlib.Path:
+    """A random LoRA adapter in PEFT's file layout (transformers 5 module names) for ``checkpoint``:
+    rank ``rank`` on every projection of the decoder, and with ``audio`` on the audio tower's fc1
+    and the projector too. A ~ N(0, 1/in), B ~ N(0, scale^2); alpha = 2 * rank."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    text, tower = config["text_config"], config["audio_config"]
+    hidden, inter = text["hidden_size"], text["intermediate_size"]
+    kv = hidden // text["num_attention_heads"] * text["num_key_value_heads"]
+    decoder = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv),
+               "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (hidden, hidden),
+               "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden)}
+    shapes = {f"model.language_model.layers.{n}.{name}": dims
+              for n in range(text["num_hidden_layers"]) for name, dims in decoder.items()}
+    if audio:
+        shapes.update({f"model.audio_tower.layers.{n}.fc1": (tower["d_model"], tower["encoder_ffn_dim"])
+                       for n in range(tower["encoder_layers"])})
+        shapes["model.multi_modal_projector.linear"] = (tower["d_model"], hidden)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (inputs, outputs) in shapes.items():
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inputs, generator=generator) / inputs**0.5
+        tensors[f"{key}.lora_B.weight"] = torch.randn(outputs, rank, generator=generator) * scale
+    directory.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file(tensors, directory / "adapter_model.safetensors")
+    targets = sorted({module.rsplit(".", 1)[1] for module in shapes})
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets, "bias": "none"}))
+    return directory

@@ -9,6 +9,8 @@ the pinned oracle: `python -m pytest tests/test_kernels.py tests/test_gpu.py`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import SamplingParams
 from qwen2audio.model.backend import Backend
 
-from checkpoints import build_checkpoint
+from checkpoints import build_checkpoint, write_lora
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 RNG = np.random.default_rng(3)
@@ -66,8 +68,10 @@ def all_blocks_free(engine: Engine) -> bool:
     return stats.kv_blocks_free == stats.kv_blocks
 
 
-def staggered_run(engine: Engine, logprobs: int | None = None) -> list[tuple[list[int], list[float]]]:
-    """Two requests, then three more after two steps: (tokens, chosen-token logprobs) per request."""
+def staggered_run(engine: Engine, logprobs: int | None = None, adapters: list[str | None] | None = None
+                  ) -> list[tuple[list[int], list[float]]]:
+    """Two requests, then three more after two steps: (tokens, chosen-token logprobs) per request;
+    ``adapters``: each request's LoRA adapter."""
     ids: list[str] = []
     tokens: dict[str, tuple[list[int], list[float]]] = {}
 
@@ -78,7 +82,8 @@ def staggered_run(engine: Engine, logprobs: int | None = None) -> list[tuple[lis
 
     for k, (clip, n) in enumerate(zip(CLIPS, LENGTHS, strict=True)):
         params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0, logprobs=logprobs)
-        ids.append(engine.add_request(engine.processor.prepare(conversation(clip, k)), params))
+        prompt = replace(engine.processor.prepare(conversation(clip, k)), adapter=adapters[k] if adapters else None)
+        ids.append(engine.add_request(prompt, params))
         tokens[ids[-1]] = ([], [])
         if k == 1:
             take(engine.step())
@@ -114,6 +119,25 @@ def test_fast_decode_in_bf16_stays_within_tolerance_of_eager(checkpoint, kv_cach
         assert tokens[0] == ref_tokens[0]
         same = next((k for k, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), len(tokens))
         assert max(abs(a - b) for a, b in zip(logprobs[:same], ref_logprobs[:same], strict=True)) < 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_rows_through_graphs_and_pipelined_steps_give_the_eager_tokens(checkpoint, device, tmp_path,
+                                                                            monkeypatch):
+    """Requests on two adapters (one also on the audio side) and on the base model, staggered: the
+    decode graphs (CUDA; the static buffers on the CPU) with pipelined steps give the eager tokens."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = load(checkpoint, device)
+    fast, eager = engines(model, async_decode=True, max_loras=2, max_lora_rank=8)
+    paths = [write_lora(tmp_path / "a", checkpoint, 8, 1), write_lora(tmp_path / "b", checkpoint, 4, 2, audio=True)]
+    for engine in (fast, eager):
+        for name, path in zip("ab", paths, strict=True):
+            engine.load_adapter(path, name)
+    adapters = ["a", None, "b", "a", "b"]
+    got, expected = staggered_run(fast, adapters=adapters), staggered_run(eager, adapters=adapters)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    base = staggered_run(eager)
+    assert all((t == b) == (name is None) for (t, _), (b, _), name in zip(got, base, adapters, strict=True))
 
 
 @pytest.mark.gpu

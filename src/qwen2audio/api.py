@@ -22,7 +22,7 @@ from qwen2audio.engine.core import Engine
 from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import Prompt, SamplingError, SamplingParams
 from qwen2audio.errors import AdapterNotFoundError, CheckpointError, InputError
-from qwen2audio.hub import checkpoint_identity, resolve_checkpoint
+from qwen2audio.hub import checkpoint_identity, resolve_adapter, resolve_checkpoint
 from qwen2audio.model import quant, quant_cuda
 from qwen2audio.model.attention import AttentionMetadata, kv_cache_dtype
 from qwen2audio.model.backend import choose_backend, prepare_network
@@ -176,7 +176,7 @@ class Qwen2Audio:
         """Load a LoRA adapter (PEFT's format: a directory or hub id) beside the base weights, for
         ``chat(..., adapter=name)`` and the rest; ``name`` defaults to the directory's name."""
         name = name or pathlib.Path(path).name
-        self.engine.load_adapter(path, name)
+        self.engine.load_adapter(resolve_adapter(path), name)
         return name
 
     def unload_adapter(self, name: str) -> None:

@@ -85,7 +85,8 @@ def _adapter(args: argparse.Namespace, model: Any) -> str | None:
 def _lora_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", metavar="PATH",
                         help="a LoRA adapter (PEFT's format: a directory with adapter_config.json and "
-                             "adapter_model.safetensors, or a hub id) that answers instead of the base model")
+                             "adapter_model.safetensors, or a hub id) that answers instead of the base model "
+                             "(default: none)")
 
 
 def _quantization_label(args: argparse.Namespace) -> str | None:

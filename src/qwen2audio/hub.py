@@ -9,7 +9,7 @@ import hashlib
 import os
 import pathlib
 
-from qwen2audio.errors import CheckpointError
+from qwen2audio.errors import AdapterError, CheckpointError
 
 PROCESSOR_FILES = [
     "config.json",
@@ -58,6 +58,14 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, allow_patterns: list[str
         raise CheckpointNotFoundError(f"{text}: no such repository on the Hugging Face hub") from None
     except (HfHubHTTPError, OSError) as exc:
         raise CheckpointNotFoundError(f"{text}: download failed ({exc}); pass a local directory instead") from None
+
+
+def resolve_adapter(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """A LoRA adapter's local directory, downloading its two PEFT files when given a hub id."""
+    try:
+        return resolve_checkpoint(name_or_path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
+    except CheckpointNotFoundError as exc:
+        raise AdapterError(str(exc).replace("checkpoint", "adapter")) from None
 
 
 def checkpoint_identity(name_or_path: str | os.PathLike, directory: pathlib.Path | None = None,

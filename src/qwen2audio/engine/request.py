@@ -196,12 +196,11 @@ class Request:
         return self.status is Status.FINISHED
 
     def block_hashes(self, block_size: int) -> list[bytes]:
-        """Chained hashes of the full blocks of this request's tokens (audio keyed by clip digest),
-        kept until it grows: a request waiting at the head of the queue is asked at every step."""
+        """Chained hashes of its full blocks (audio keyed by clip digest), kept until it grows (asked every step)."""
         if self._hashes is None or self._hashes[0] != self.num_tokens:
-            keys = token_keys(self.all_ids, self.prompt.spans)
             seed = self.adapter.key.encode() if self.adapter is not None else b""  # an adapter's keys differ
-            self._hashes = (self.num_tokens, block_hashes(keys, block_size, seed))
+            hashes = block_hashes(token_keys(self.all_ids, self.prompt.spans), block_size, seed)
+            self._hashes = (self.num_tokens, hashes)
         return self._hashes[1]
 
     def length_reached(self, pending: int = 0) -> bool:

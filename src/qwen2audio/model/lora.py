@@ -182,12 +182,11 @@ def read_adapter(path: str | pathlib.Path, name: str, targets: dict[str, Target]
 
 
 def _local(path: str | pathlib.Path) -> pathlib.Path:
-    from qwen2audio.hub import CheckpointNotFoundError, resolve_checkpoint  # a hub id downloads like a checkpoint
-
-    try:
-        return resolve_checkpoint(path, allow_patterns=[CONFIG, WEIGHTS])
-    except CheckpointNotFoundError as exc:
-        raise AdapterError(str(exc).replace("checkpoint", "adapter")) from None
+    """The adapter's directory (front ends resolve hub ids first: hub.resolve_adapter)."""
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise AdapterError(f"{path}: no such adapter directory")
+    return directory
 
 
 def _target_of(module: str, targets: dict[str, Target], network: nn.Module, directory: pathlib.Path

@@ -31,6 +31,7 @@ from qwen2audio.audio.io import load_audio
 from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.engine.async_engine import AsyncEngine
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
+from qwen2audio.hub import resolve_adapter
 from qwen2audio.server import jsonbody, responses
 from qwen2audio.server.errors import HANDLERS, APIError
 from qwen2audio.server.media import MediaPolicy, count_audio_parts, resolve_messages
@@ -212,7 +213,8 @@ async def load_lora_adapter(request: Request) -> Response:
     body = await _parse(request, LoadLoraRequest)
     if body.lora_name in server.options.names:
         raise APIError(400, f"the adapter name {body.lora_name!r} is the base model's", param="lora_name")
-    await server.engine.load_adapter(body.lora_path, body.lora_name)
+    directory = await asyncio.to_thread(resolve_adapter, body.lora_path)
+    await server.engine.load_adapter(str(directory), body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

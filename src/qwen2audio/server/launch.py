@@ -70,7 +70,7 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="accepted for vLLM compatibility; no code is ever loaded from a checkpoint")
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", type=_lora_module,
                        help="LoRA adapters (PEFT's format: a directory or hub id) served beside the base model; "
-                            "a request's model picks one by NAME")
+                            "a request's model picks one by NAME (default: none)")
     serve.add_argument("--enable-lora", action="store_true",
                        help="adapter slots even without --lora-modules, for POST /v1/load_lora_adapter")
     serve.add_argument("--max-loras", type=_positive,
