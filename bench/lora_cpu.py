@@ -36,6 +36,57 @@ ADAPTERS = 4
 SECONDS = [4, 6, 8, 10, 12, 15, 5, 9]
 
 
+def product_variants(rows: int, inputs: int, outputs: int, rank: int, dtype: torch.dtype) -> dict[str, float]:
+    """Microseconds of one layer's batched low-rank product, rows spread over ADAPTERS adapters, by
+    three torch formulations: the masked wide product model/lora.py uses (fixed shapes, no host
+    work), a loop over the adapters present (gather, two products, scatter-add), and per-row
+    gathered factors with batched products (vLLM's BGMV shape)."""
+    x = torch.randn(rows, inputs, dtype=dtype)
+    a = torch.randn(inputs, ADAPTERS * rank, dtype=dtype)
+    b = torch.randn(ADAPTERS * rank, outputs, dtype=dtype)
+    slots = torch.arange(rows) % ADAPTERS
+    columns = torch.arange(ADAPTERS * rank) // rank
+    per_a, per_b = a.view(inputs, ADAPTERS, rank).permute(1, 0, 2), b.view(ADAPTERS, rank, outputs)
+
+    def masked() -> torch.Tensor:
+        return ((x @ a) * (slots[:, None] == columns).to(dtype)) @ b
+
+    def grouped() -> torch.Tensor:
+        out = torch.zeros(rows, outputs, dtype=dtype)
+        for slot in range(ADAPTERS):
+            index = (slots == slot).nonzero().squeeze(1)
+            out.index_add_(0, index, (x[index] @ per_a[slot]) @ per_b[slot])
+        return out
+
+    def gathered() -> torch.Tensor:
+        low = torch.bmm(x[:, None, :], per_a[slots])  # [rows, 1, rank]
+        return torch.bmm(low, per_b[slots])[:, 0]
+
+    assert torch.allclose(masked(), grouped(), rtol=1e-2, atol=1e-2 * rank)
+    figures = {}
+    for name, variant in (("masked wide", masked), ("grouped loop", grouped), ("gathered bmm", gathered)):
+        if name == "gathered bmm" and rows > 64:  # [rows, in, rank] copies of A: too large for prefills
+            continue
+        variant()
+        started, count = time.perf_counter(), 0
+        while time.perf_counter() - started < 0.3:
+            variant()
+            count += 1
+        figures[name] = 1e6 * (time.perf_counter() - started) / count
+    return figures
+
+
+def compare_products(rank: int, dtype: torch.dtype) -> None:
+    hidden, inter = TEXT["hidden_size"], TEXT["intermediate_size"]
+    kv = hidden // TEXT["num_attention_heads"] * TEXT["num_key_value_heads"]
+    print(f"one layer's low-rank product, {ADAPTERS} adapters x rank {rank}, {dtype} (microseconds):")
+    for rows in (8, 1024):
+        for label, (inputs, outputs) in (("qkv", (hidden, hidden + 2 * kv)), ("gate_up", (hidden, 2 * inter)),
+                                         ("down", (inter, hidden))):
+            figures = product_variants(rows, inputs, outputs, rank * (3 if label == "qkv" else 1), dtype)
+            print(f"  {rows:5d} rows {label:8s}" + "".join(f"  {k}: {v:8.1f}" for k, v in figures.items()))
+
+
 def timed(model: Qwen2Audio, prompts: list, new_tokens: int) -> float:
     started = time.perf_counter()
     replies = model.generate_prepared(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0)
@@ -55,6 +106,7 @@ def main() -> None:
     options = EngineOptions(max_loras=ADAPTERS, max_lora_rank=args.rank, enable_prefix_cache=False,
                             encoder_cache_bytes=0)
     model = Qwen2Audio.from_pretrained(checkpoint, device="cpu", progress=False, engine_options=options)
+    compare_products(args.rank, model.dtype)
     names = [model.load_adapter(write_lora(root / f"adapter{k}", checkpoint, args.rank, k), f"adapter{k}")
              for k in range(ADAPTERS)]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

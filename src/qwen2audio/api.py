@@ -351,8 +351,8 @@ class Qwen2Audio:
                   "projector": sum(batch.window_tokens)}
         counts["head"] = counts["decoder"]
         try:
-            with lora.context.using(**{kind: torch.full((n,), loaded.slot, device=self.device)
-                                       for kind, n in counts.items()}):
+            with lora.context.using(groups={kind: [(loaded.slot, torch.arange(n, device=self.device))]
+                                            for kind, n in counts.items()}):
                 yield
         finally:
             lora.release(loaded)

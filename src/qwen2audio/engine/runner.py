@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from qwen2audio.audio.features import FeatureExtractor
@@ -24,16 +25,15 @@ from qwen2audio.engine.request import Request
 from qwen2audio.engine.scheduler import ScheduledStep
 from qwen2audio.model.attention import AttentionMetadata, KVCache, kv_cache_dtype
 from qwen2audio.model.inputs import Chunk, flatten
-from qwen2audio.model.lora import Loaded, LoraManager
+from qwen2audio.model.lora import Loaded, LoraManager, grouped
 from qwen2audio.model.quant import DECODE_ROWS
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from qwen2audio.audio.segment import Window
 
 logger = logging.getLogger(__name__)
+GROUPED_ROWS = 64  # steps of more rows take the adapters' products grouped by adapter (bench/lora_cpu.py)
 
 
 def kv_bytes_per_block(network: Qwen2AudioForConditionalGeneration, block_size: int, dtype: torch.dtype) -> int:
@@ -176,10 +176,13 @@ class ModelRunner:
         """The LoRA slot of every row (decoder) and every request (output layer), where any has one."""
         if self.lora is None or all(r.adapter is None for r in requests):
             return nullcontext()
-        slots = [r.adapter.slot if r.adapter is not None else 0 for r in requests]
-        head = torch.tensor(slots, device=self.device)
-        return self.lora.context.using(decoder=head.repeat_interleave(torch.tensor(query_lens, device=self.device)),
-                                       head=head)
+        slots = np.array([r.adapter.slot if r.adapter is not None else 0 for r in requests])
+        rows = np.repeat(slots, query_lens)
+        if len(rows) > GROUPED_ROWS:  # a prefill's many rows: one product per adapter (see LoraContext)
+            return self.lora.context.using(groups={"decoder": grouped(rows, self.device)},
+                                           head=torch.from_numpy(slots).to(self.device))
+        return self.lora.context.using(decoder=torch.from_numpy(rows).to(self.device),
+                                       head=torch.from_numpy(slots).to(self.device))
 
     def _chunks(self, step: ScheduledStep) -> list[Chunk]:
         """What each request computes: a prefill its uncached tokens (with the audio they cover),
@@ -236,11 +239,9 @@ class ModelRunner:
         changes the audio side."""
         if self.lora is None or not any(a is not None and a.audio for a in adapters):
             return nullcontext()
-        slots = [a.slot if a is not None and a.audio else 0 for a in adapters]
-        windows = torch.tensor(slots, device=self.device).repeat_interleave(torch.tensor(window_counts,
-                                                                                         device=self.device))
-        return self.lora.context.using(
-            encoder=windows, projector=windows.repeat_interleave(torch.tensor(window_tokens, device=self.device)))
+        windows = np.repeat([a.slot if a is not None and a.audio else 0 for a in adapters], window_counts)
+        return self.lora.context.using(groups={"encoder": grouped(windows, self.device),
+                                               "projector": grouped(np.repeat(windows, window_tokens), self.device)})
 
 
 def _clip_key(digest: str, adapter: Loaded | None) -> str:

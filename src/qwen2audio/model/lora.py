@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -223,24 +224,41 @@ def _pattern(patterns: dict[str, float], module: str, default: float) -> float:
     return default
 
 
+Groups = list[tuple[int, torch.Tensor]]  # (slot, the indices of its rows), slot 0 left out
+
+
+def grouped(slots: np.ndarray, device: torch.device) -> Groups:
+    """Each adapter slot's rows, from slots the host knows (one per row)."""
+    return [(int(slot), torch.from_numpy(np.flatnonzero(slots == slot)).to(device))
+            for slot in np.unique(slots) if slot]
+
+
 class LoraContext:
-    """Which slot each row of the current forward uses, by kind of row; empty outside a step."""
+    """Which slot each row of the current forward uses, by kind of row; empty outside a step.
+
+    Two forms, chosen by measurement (bench/lora_cpu.py): slot rows on the device (the masked wide
+    product: fixed shapes, what decode steps and their graphs use; 2-3x faster than the others at
+    8 rows), or host-made groups (one product per adapter over its rows: a prefill's thousand rows
+    do a quarter of the masked product's work)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, torch.Tensor] = {}
+        self.groups: dict[str, Groups] = {}
         self.every_layer = False
         self._masks: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
 
     @contextmanager
-    def using(self, every_layer: bool = False, **rows: torch.Tensor | None) -> Iterator[None]:
-        """Rows by kind (decoder [N], head [S], encoder [W] windows, projector [A]). ``every_layer``:
-        also layers no adapter changes yet (a captured graph must hold every layer's product)."""
+    def using(self, every_layer: bool = False, groups: dict[str, Groups] | None = None,
+              **rows: torch.Tensor | None) -> Iterator[None]:
+        """Rows by kind (decoder [N], head [S], encoder [W] windows, projector [A]), as slot tensors
+        or as ``groups``. ``every_layer``: also layers no adapter changes yet (a captured graph must
+        hold every layer's product)."""
         self.rows = {kind: value for kind, value in rows.items() if value is not None}
-        self.every_layer, self._masks = every_layer, {}
+        self.groups, self.every_layer, self._masks = groups or {}, every_layer, {}
         try:
             yield
         finally:
-            self.rows, self.every_layer, self._masks = {}, False, {}
+            self.rows, self.groups, self.every_layer, self._masks = {}, {}, False, {}
 
     def mask(self, kind: str, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[rows, C]: 1 where a column belongs to the row's slot (made once per step and width)."""
@@ -279,6 +297,9 @@ class LoraLayer:
         (self.live.add if factors else self.live.discard)(slot)
 
     def __call__(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        groups = self.context.groups.get(self.kind)
+        if groups is not None:
+            return self._grouped(x, output, groups)
         rows = self.context.rows.get(self.kind)
         if rows is None or not (self.live or self.context.every_layer):
             return None
@@ -287,6 +308,15 @@ class LoraLayer:
         if low.dim() == 3:  # encoder windows [W, S, C]: one slot per window
             mask = mask[:, None, :]
         return output + ((low * mask) @ self.b).to(output.dtype)
+
+    def _grouped(self, x: torch.Tensor, output: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """Each adapter's product over its own rows (windows, for the encoder), added in place."""
+        for slot, index in groups:
+            if slot in self.live:
+                columns = slice((slot - 1) * self.width, slot * self.width)
+                low = x.index_select(0, index).to(self.a.dtype) @ self.a[:, columns]
+                output.index_add_(0, index, (low @ self.b[columns]).to(output.dtype))
+        return output
 
 
 def _weak_hook(layer: LoraLayer) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
