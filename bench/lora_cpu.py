@@ -1,7 +1,7 @@
 """LoRA serving cost on the CPU: 8 concurrent requests spread over 4 adapters against the same 8 on
 the base model, one engine, side by side in one run.
 
-    python bench/lora_cpu.py [--new-tokens 64] [--repeats 3] [--rank 16]
+    python bench/lora_cpu.py [--new-tokens 64] [--repeats 3] [--rank 16] [--dtype auto]
 
 The mid-size random checkpoint of bench/engine_cpu.py (decoder hidden 896, 8 layers, GQA 14/2;
 encoder 384 wide, 4 layers); four rank-16 adapters on every linear layer of the decoder (q, k, v,
@@ -99,13 +99,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="auto", help="auto (this CPU's default), float32 or bfloat16")
     args = parser.parse_args()
     torch.manual_seed(0)
     root = pathlib.Path(tempfile.mkdtemp(prefix="qwen2audio-lora-bench-"))
     checkpoint = build_checkpoint(root / "mid", text_dims=TEXT, audio_dims=AUDIO)
     options = EngineOptions(max_loras=ADAPTERS, max_lora_rank=args.rank, enable_prefix_cache=False,
                             encoder_cache_bytes=0)
-    model = Qwen2Audio.from_pretrained(checkpoint, device="cpu", progress=False, engine_options=options)
+    model = Qwen2Audio.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, progress=False,
+                                       engine_options=options)
     compare_products(args.rank, model.dtype)
     names = [model.load_adapter(write_lora(root / f"adapter{k}", checkpoint, args.rank, k), f"adapter{k}")
              for k in range(ADAPTERS)]

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import peft
 import pytest
 import torch
 
@@ -18,8 +19,6 @@ from qwen2audio.engine.options import EngineOptions
 from qwen2audio.errors import AdapterError, AdapterNotFoundError
 
 from checkpoints import build_checkpoint
-
-peft = pytest.importorskip("peft")
 
 RNG = np.random.default_rng(11)
 CLIPS = [(RNG.standard_normal(int(s * 16000)) * 0.1).astype(np.float32) for s in (1.5, 3.0)]
