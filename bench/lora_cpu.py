@@ -49,7 +49,7 @@ def product_variants(rows: int, inputs: int, outputs: int, rank: int, dtype: tor
     per_a, per_b = a.view(inputs, ADAPTERS, rank).permute(1, 0, 2), b.view(ADAPTERS, rank, outputs)
 
     def masked() -> torch.Tensor:
-        return ((x @ a) * (slots[:, None] == columns).to(dtype)) @ b
+        return torch.where(slots[:, None] == columns, x @ a, 0) @ b
 
     def grouped() -> torch.Tensor:
         out = torch.zeros(rows, outputs, dtype=dtype)

@@ -171,6 +171,11 @@ def renamed(old: str, new: str):
     return lambda tensors: {key.replace(old, new): value for key, value in tensors.items()}
 
 
+def poisoned(tensors):
+    key = next(k for k in tensors if "lora_B" in k)
+    return {**tensors, key: torch.full_like(tensors[key], float("nan"))}
+
+
 def widened(tensors):
     return {key: torch.cat([value, value], dim=1) if "q_proj.lora_A" in key else value
             for key, value in tensors.items()}
@@ -185,6 +190,7 @@ def widened(tensors):
     (None, renamed("language_model.layers.0.self_attn.q_proj", "language_model.embed_tokens"),
      "unknown target module .*embed_tokens.*not a linear layer but Embedding"),
     (None, widened, "shape mismatch at .*q_proj: lora_A .* another base model"),
+    (None, poisoned, "values that are not finite"),
 ])
 def test_bad_adapters_are_refused_by_name(setup, model, tmp_path, config, tensors, message):
     _, adapters, _ = setup
@@ -192,6 +198,22 @@ def test_bad_adapters_are_refused_by_name(setup, model, tmp_path, config, tensor
     with pytest.raises(AdapterError, match=message):
         model.load_adapter(bad, "bad")
     assert "bad" not in model.adapters
+
+
+def test_damaged_files_and_requests_for_unknown_adapters_leave_nothing_behind(setup, model, tmp_path):
+    _, adapters, _ = setup
+    bad = edited(adapters["dec"], tmp_path / "json")
+    (bad / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="cannot be read as JSON"):
+        model.load_adapter(bad, "json")
+    bad = edited(adapters["dec"], tmp_path / "weights")
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(AdapterError, match="cannot be read"):
+        model.load_adapter(bad, "weights")
+    engine = model.engine
+    with pytest.raises(AdapterNotFoundError):
+        engine.add_request(replace(model.processor.prepare(PROMPTS[0]), adapter="gone"))
+    assert not engine.scheduler.requests and not engine.has_unfinished
 
 
 def test_rank_over_the_limit_and_full_slots_and_names_are_refused(setup, model, tmp_path):

@@ -64,7 +64,7 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> pathlib.Path:
     """A LoRA adapter's local directory, downloading its two PEFT files when given a hub id."""
     try:
         return resolve_checkpoint(name_or_path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
-    except CheckpointNotFoundError as exc:
+    except ValueError as exc:  # not found, offline, or a name the hub refuses
         raise AdapterError(str(exc).replace("checkpoint", "adapter")) from None
 
 

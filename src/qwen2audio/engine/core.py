@@ -74,9 +74,15 @@ class Engine:
         else:
             while request.request_id in self.scheduler.requests:  # a caller may have taken a generated name
                 request.request_id = Request.new_id()
-        self.scheduler.add(request)
-        if prompt.adapter is not None:
+        if prompt.adapter is not None:  # held before queueing: an unload in between cannot leave it running
             request.adapter = self.runner.lora.acquire(prompt.adapter)
+        try:
+            self.scheduler.add(request)
+        except BaseException:
+            if request.adapter is not None:
+                self.runner.lora.release(request.adapter)
+            raise
+        if request.adapter is not None:
             self._holding[request.request_id] = request
         return request.request_id
 

@@ -100,17 +100,22 @@ class StaticDecoder:
         started = time.perf_counter()
         torch.cuda.synchronize()
         self.graphs, pool, self._capturing = {}, None, True
-        for size in reversed(self.buckets):
-            for _ in range(2):  # first launches compile the Triton kernels and pick cuBLAS algorithms
-                self._forward(size)
+        try:
+            for size in reversed(self.buckets):
+                for _ in range(2):  # first launches compile the Triton kernels and pick cuBLAS algorithms
+                    self._forward(size)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(size)
+                pool = graph.pool()
+                self.graphs[size] = (graph, logits)
             torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = (graph, logits)
-        torch.cuda.synchronize()
-        self._capturing = False
+        except BaseException:
+            self.graphs = {}  # a half-captured set is none: steps run the buffers eagerly
+            raise
+        finally:
+            self._capturing = False
         logger.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.graphs),
                     self.buckets, time.perf_counter() - started)
 

@@ -79,6 +79,8 @@ class ModelRunner:
         self.device, self.dtype = network.device, network.dtype
         self.cache_dtype = kv_cache_dtype(options.kv_cache_dtype, self.dtype)
         network.backend.verify_cache(network.config.text, self.device, self.dtype, self.cache_dtype)
+        # the adapters' buffers first: the KV cache takes what memory is left after them
+        self.lora = LoraManager(network, options.max_loras, options.max_lora_rank) if options.max_loras > 0 else None
         self.num_blocks = self._kv_blocks(options)
         self.scratch_block = self.num_blocks  # one more block, never handed out: padded rows write there
         text = network.config.text
@@ -89,7 +91,6 @@ class ModelRunner:
             for _ in range(text.num_hidden_layers)
         ]
         self.encoder_cache = EncoderCache(options.encoder_cache_bytes)
-        self.lora = LoraManager(network, options.max_loras, options.max_lora_rank) if options.max_loras > 0 else None
         self.static = self._static_decoder(options)
         self.compiled = self._compiled_decoder(options)
 

@@ -128,7 +128,12 @@ def read_config(directory: pathlib.Path) -> dict:
     """adapter_config.json, refusing what this engine cannot compute."""
     if not (directory / CONFIG).is_file():
         raise AdapterError(f"{directory}: no {CONFIG} (a PEFT LoRA adapter directory has {CONFIG} and {WEIGHTS})")
-    config = json.loads((directory / CONFIG).read_text())
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{directory}: {CONFIG} cannot be read as JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{directory}: {CONFIG} is not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{directory}: a {config['peft_type']} adapter; only LoRA adapters are supported")
     refused = [what for key, what in REFUSED.items() if config.get(key)]
@@ -142,7 +147,10 @@ def read_config(directory: pathlib.Path) -> dict:
 def adapter_rank(path: str | pathlib.Path) -> int:
     """The largest rank an adapter's config declares (to size slots for it before reading it)."""
     config = read_config(_local(path))
-    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    try:
+        return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise AdapterError(f"{path}: r/rank_pattern in {CONFIG} are not ranks ({exc})") from None
 
 
 def read_adapter(path: str | pathlib.Path, name: str, targets: dict[str, Target], max_rank: int,
@@ -153,33 +161,52 @@ def read_adapter(path: str | pathlib.Path, name: str, targets: dict[str, Target]
     if not (directory / WEIGHTS).is_file():
         raise AdapterError(f"{directory}: no {WEIGHTS} (adapters saved as .bin are not read: resave with "
                            f"safe_serialization=True)")
+    try:
+        tensors = load_file(directory / WEIGHTS)
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise AdapterError(f"{directory}: {WEIGHTS} cannot be read ({exc})") from None
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(directory / WEIGHTS).items():
+    for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise AdapterError(f"{directory}: unexpected tensor {key!r} (embedding LoRA, DoRA magnitudes and "
                                f"saved modules are not supported)")
         grouped.setdefault(match["module"], {})[match["factor"]] = tensor
     factors: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    rank = 0
     for module, pair in grouped.items():
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"{directory}: {module} has lora_{next(iter(pair))} without its other factor")
         target, part = _target_of(module, targets, network, directory)
         a, b = pair["A"].float(), pair["B"].float()
         _check_shapes(module, target, part, a, b, directory)
-        r = a.shape[0]
-        if r > max_rank:
-            raise AdapterError(f"{directory}: rank {r} at {module} is over this engine's max_lora_rank {max_rank} "
-                               f"(serve with --max-lora-rank {r} or more)")
-        rank = max(rank, r)
-        alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        factors.setdefault(target.name, []).append((part, a, b * scale))
+        _check_rank(module, a.shape[0], max_rank, directory)
+        b = b * _scale(config, module, a.shape[0], directory)
+        if not (torch.isfinite(a.to(network.dtype)).all() and torch.isfinite(b.to(network.dtype)).all()):
+            # one NaN in a slot would reach every row of a batch (0 * NaN): refused, not served
+            raise AdapterError(f"{directory}: {module} holds values that are not finite in {network.dtype}")
+        factors.setdefault(target.name, []).append((part, a, b))
     if not factors:
         raise AdapterError(f"{directory}: {WEIGHTS} holds no LoRA factors")
     audio = any(targets[t].kind in ("encoder", "projector") for t in factors)
+    rank = max(a.shape[0] for parts in factors.values() for _, a, _ in parts)
     return Adapter(name, str(path), rank, factors, audio)
+
+
+def _check_rank(module: str, rank: int, max_rank: int, directory: pathlib.Path) -> None:
+    if rank < 1:
+        raise AdapterError(f"{directory}: {module} has rank {rank}")
+    if rank > max_rank:
+        raise AdapterError(f"{directory}: rank {rank} at {module} is over this engine's max_lora_rank {max_rank} "
+                           f"(serve with --max-lora-rank {rank} or more)")
+
+
+def _scale(config: dict, module: str, rank: int, directory: pathlib.Path) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (alpha from alpha_pattern if it matches)."""
+    try:
+        alpha = float(_pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
+    except (re.error, TypeError, ValueError) as exc:
+        raise AdapterError(f"{directory}: lora_alpha/alpha_pattern cannot be used ({exc})") from None
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def _local(path: str | pathlib.Path) -> pathlib.Path:
@@ -245,7 +272,7 @@ class LoraContext:
         self.rows: dict[str, torch.Tensor] = {}
         self.groups: dict[str, Groups] = {}
         self.every_layer = False
-        self._masks: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
+        self._masks: dict[tuple[str, int], torch.Tensor] = {}
 
     @contextmanager
     def using(self, every_layer: bool = False, groups: dict[str, Groups] | None = None,
@@ -260,11 +287,11 @@ class LoraContext:
         finally:
             self.rows, self.groups, self.every_layer, self._masks = {}, {}, False, {}
 
-    def mask(self, kind: str, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[rows, C]: 1 where a column belongs to the row's slot (made once per step and width)."""
-        key = (kind, columns.shape[0], dtype)
+    def mask(self, kind: str, columns: torch.Tensor) -> torch.Tensor:
+        """[rows, C]: True where a column belongs to the row's slot (made once per step and width)."""
+        key = (kind, columns.shape[0])
         if key not in self._masks:
-            self._masks[key] = (self.rows[kind][:, None] == columns).to(dtype)
+            self._masks[key] = self.rows[kind][:, None] == columns
         return self._masks[key]
 
 
@@ -304,10 +331,11 @@ class LoraLayer:
         if rows is None or not (self.live or self.context.every_layer):
             return None
         low = x.to(self.a.dtype) @ self.a  # [..., C]
-        mask = self.context.mask(self.kind, self.columns, low.dtype)
+        mask = self.context.mask(self.kind, self.columns)
         if low.dim() == 3:  # encoder windows [W, S, C]: one slot per window
             mask = mask[:, None, :]
-        return output + ((low * mask) @ self.b).to(output.dtype)
+        # where, not a product: another slot's column that overflowed must give 0, not inf * 0
+        return output + (torch.where(mask, low, 0) @ self.b).to(output.dtype)
 
     def _grouped(self, x: torch.Tensor, output: torch.Tensor, groups: Groups) -> torch.Tensor:
         """Each adapter's product over its own rows (windows, for the encoder), added in place."""
