@@ -96,7 +96,8 @@ class Engine:
 
     def load_adapter(self, path: str | os.PathLike, name: str) -> Loaded:
         """Load a PEFT LoRA adapter under ``name`` (requests then name it in ``Prompt.adapter``).
-        An engine built without slots (max_loras=0) makes 4 of rank up to max(16, the adapter's)."""
+        An engine built without slots (max_loras=0) makes 4 of rank up to max(16, the adapter's),
+        after its KV cache took its memory: on a GPU, build it with ``max_loras`` instead."""
         lora = self.runner.lora
         if lora is None:
             rank = max(self.options.max_lora_rank, adapter_rank(path))
