@@ -25,7 +25,7 @@ from qwen2audio.engine.runner import ModelRunner
 from qwen2audio.engine.sampler import Sampler
 from qwen2audio.engine.scheduler import EngineStats, ScheduledStep, Scheduler
 from qwen2audio.errors import AdapterNotFoundError, PromptError
-from qwen2audio.model.lora import Loaded, adapter_rank
+from qwen2audio.model.lora import Loaded, LoraManager, adapter_rank
 from qwen2audio.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 from qwen2audio.text.tokenizer import Tokenizer
 
@@ -90,9 +90,7 @@ class Engine:
         """Raise what add_request would for this pair (a front end asks before it answers 200)."""
         check_request(prompt, params, self.max_context, self.vocab_size)
         if prompt.adapter is not None:
-            if self.runner.lora is None:
-                raise AdapterNotFoundError(f"no adapter named {prompt.adapter!r} is loaded (none is)")
-            self.runner.lora.check(prompt.adapter)
+            self._slots(prompt.adapter).find(prompt.adapter)
 
     def load_adapter(self, path: str | os.PathLike, name: str) -> Loaded:
         """Load a PEFT LoRA adapter under ``name`` (requests then name it in ``Prompt.adapter``).
@@ -106,9 +104,13 @@ class Engine:
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter: new requests cannot name it; running ones finish with it."""
+        self._slots(name).unload(name)
+
+    def _slots(self, name: str) -> LoraManager:
+        """The adapter slots, where an adapter called ``name`` is asked for."""
         if self.runner.lora is None:
             raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (none is)")
-        self.runner.lora.unload(name)
+        return self.runner.lora
 
     @property
     def adapters(self) -> list[Loaded]:

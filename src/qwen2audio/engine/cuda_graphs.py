@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -125,9 +126,8 @@ class StaticDecoder:
             [1] * size, [self.width * self.block_size] * size, rows[:, 2], rows[:, _FIELDS:], 0, rows[:, 3],
         )
         every_layer = self._capturing or bool(self.graphs)  # a graph holds the products of every slot
-        if self.lora is None or not (every_layer or self._adapters):
-            return self.network.logits(self.network(rows[:, 0], rows[:, 1], meta, self.caches))
-        with self.lora.using(every_layer, decoder=rows[:, 4], head=rows[:, 4]):
+        adapters = self.lora is not None and (every_layer or self._adapters)
+        with self.lora.using(every_layer, decoder=rows[:, 4], head=rows[:, 4]) if adapters else nullcontext():
             return self.network.logits(self.network(rows[:, 0], rows[:, 1], meta, self.caches))
 
     def _fill(self, host_buffer: torch.Tensor, requests: Sequence[Request], size: int, ahead: int) -> None:

@@ -178,12 +178,10 @@ class ModelRunner:
         if self.lora is None or all(r.adapter is None for r in requests):
             return nullcontext()
         slots = np.array([r.adapter.slot if r.adapter is not None else 0 for r in requests])
-        rows = np.repeat(slots, query_lens)
+        rows, head = np.repeat(slots, query_lens), torch.from_numpy(slots).to(self.device)
         if len(rows) > GROUPED_ROWS:  # a prefill's many rows: one product per adapter (see LoraContext)
-            return self.lora.context.using(groups={"decoder": grouped(rows, self.device)},
-                                           head=torch.from_numpy(slots).to(self.device))
-        return self.lora.context.using(decoder=torch.from_numpy(rows).to(self.device),
-                                       head=torch.from_numpy(slots).to(self.device))
+            return self.lora.context.using(groups={"decoder": grouped(rows, self.device)}, head=head)
+        return self.lora.context.using(decoder=torch.from_numpy(rows).to(self.device), head=head)
 
     def _chunks(self, step: ScheduledStep) -> list[Chunk]:
         """What each request computes: a prefill its uncached tokens (with the audio they cover),

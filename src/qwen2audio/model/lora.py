@@ -72,7 +72,6 @@ class Target:
 class Adapter:
     """An adapter read from disk: per target, (part, A [r, in], B [rows, r] times the scaling)."""
 
-    name: str
     path: str
     rank: int
     factors: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]
@@ -86,7 +85,6 @@ class Loaded:
     name: str
     path: str
     slot: int
-    rank: int
     key: str
     audio: bool
     users: int = 0
@@ -153,8 +151,8 @@ def adapter_rank(path: str | pathlib.Path) -> int:
         raise AdapterError(f"{path}: r/rank_pattern in {CONFIG} are not ranks ({exc})") from None
 
 
-def read_adapter(path: str | pathlib.Path, name: str, targets: dict[str, Target], max_rank: int,
-                 network: nn.Module) -> Adapter:
+def read_adapter(path: str | pathlib.Path, targets: dict[str, Target], max_rank: int, network: nn.Module
+                 ) -> Adapter:
     """Read and check an adapter against the network's layers; factors stay on the host in float32."""
     directory = _local(path)
     config = read_config(directory)
@@ -189,7 +187,7 @@ def read_adapter(path: str | pathlib.Path, name: str, targets: dict[str, Target]
         raise AdapterError(f"{directory}: {WEIGHTS} holds no LoRA factors")
     audio = any(targets[t].kind in ("encoder", "projector") for t in factors)
     rank = max(a.shape[0] for parts in factors.values() for _, a, _ in parts)
-    return Adapter(name, str(path), rank, factors, audio)
+    return Adapter(str(path), rank, factors, audio)
 
 
 def _check_rank(module: str, rank: int, max_rank: int, directory: pathlib.Path) -> None:
@@ -390,7 +388,7 @@ class LoraManager:
         """Read an adapter and put it in a free slot under ``name``."""
         if not name or not isinstance(name, str):
             raise AdapterError("an adapter needs a non-empty name")
-        adapter = read_adapter(path, name, self.targets, self.max_rank, self.network)  # slow part: no lock
+        adapter = read_adapter(path, self.targets, self.max_rank, self.network)  # the slow part: no lock
         with self._lock:
             if name in self.loaded:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
@@ -399,7 +397,7 @@ class LoraManager:
                 raise AdapterError(f"all {self.max_loras} adapter slots are in use (max_loras): unload one first")
             for target, layer in self.layers.items():
                 layer.write(slot, adapter.factors.get(target, []))
-            loaded = Loaded(name, adapter.path, slot, adapter.rank, f"{name}#{next(self._loads)}", adapter.audio)
+            loaded = Loaded(name, adapter.path, slot, f"{name}#{next(self._loads)}", adapter.audio)
             self.slots[slot] = self.loaded[name] = loaded
         logger.info("LoRA adapter %r (rank %d, %d layers%s) in slot %d", name, adapter.rank, len(adapter.factors),
                     ", audio side too" if adapter.audio else "", slot)
@@ -407,9 +405,8 @@ class LoraManager:
 
     def unload(self, name: str) -> None:
         with self._lock:
-            loaded = self.loaded.pop(name, None)
-            if loaded is None:
-                raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
+            loaded = self.find(name)
+            del self.loaded[name]
             loaded.unloaded = True
             if not loaded.users:
                 self._free(loaded)
@@ -417,15 +414,15 @@ class LoraManager:
     def acquire(self, name: str) -> Loaded:
         """The adapter a new request uses, held until :meth:`release`."""
         with self._lock:
-            loaded = self.loaded.get(name)
-            if loaded is None:
-                raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
+            loaded = self.find(name)
             loaded.users += 1
             return loaded
 
-    def check(self, name: str) -> None:
-        if name not in self.loaded:
+    def find(self, name: str) -> Loaded:
+        loaded = self.loaded.get(name)
+        if loaded is None:
             raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
+        return loaded
 
     def release(self, loaded: Loaded) -> None:
         with self._lock:

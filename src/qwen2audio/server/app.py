@@ -198,12 +198,11 @@ async def metrics(request: Request) -> Response:
 async def models(request: Request) -> dict[str, Any]:
     server = _server(request)
     created = int(time.time())
-    base = [{"id": name, "object": "model", "created": created, "owned_by": "qwen2audio", "root": name,
-             "parent": None, "max_model_len": server.max_model_len} for name in server.options.names]
-    adapters = [{"id": loaded.name, "object": "model", "created": created, "owned_by": "qwen2audio",
-                 "root": loaded.path, "parent": server.options.names[0], "max_model_len": server.max_model_len}
-                for loaded in server.engine.adapters]
-    return {"object": "list", "data": base + adapters}
+    cards = [(name, name, None) for name in server.options.names]
+    cards += [(loaded.name, loaded.path, server.options.names[0]) for loaded in server.engine.adapters]
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": created, "owned_by": "qwen2audio", "root": root, "parent": parent,
+         "max_model_len": server.max_model_len} for name, root, parent in cards]}
 
 
 @router.post("/v1/load_lora_adapter")
