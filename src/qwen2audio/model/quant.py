@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2audio.errors import CheckpointError
-from qwen2audio.model import quant_cuda
+from qwen2audio.model import cpu_int8, quant_cuda
 
 Scheme = Literal["int8", "int4", "fp8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
@@ -94,6 +94,8 @@ class QuantizedLinear(nn.Module):
         self._layout = "rows"  # int4 codes: as saved, or repacked in place for the CPU kernel / tinygemm
         self._prepared = False  # see prepare
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._own_int8 = False  # int8 decode rows on model/cpu_int8.py's kernel (else torch's)
+        self._scales32: torch.Tensor | None = None  # its scales
         self._scale: torch.Tensor | None = None
 
     @classmethod
@@ -193,7 +195,9 @@ class QuantizedLinear(nn.Module):
             return self._dequantized_linear(x)
         flat = x.reshape(rows, self.in_features)
         packed, scales = kernel
-        if self.config.scheme == "int8":
+        if self._own_int8 and cpu_int8.suits(rows, self.in_features):
+            out = cpu_int8.int8_linear(flat, packed, self._scales32)
+        elif self.config.scheme == "int8":
             out = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.config.group_size, scales)
@@ -243,6 +247,8 @@ class QuantizedLinear(nn.Module):
         elif self.dtype not in (torch.float32, torch.bfloat16) or self.config.scheme == "fp8":
             self._kernel = None
         elif self.config.scheme == "int8":
+            self._own_int8 = cpu_int8.fits(self.in_features) and cpu_int8.available()
+            self._scales32 = self.scales.float() if self._own_int8 else None
             self._kernel = self.qweight, self.scales.to(self.dtype)
         elif self.out_features % _BLOCK_N == 0 and cpu_int4_format() is not None:
             self.qweight = cpu_int4_layout(self.qweight, cpu_int4_format())  # in place of the saved layout

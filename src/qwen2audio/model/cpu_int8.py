@@ -1,0 +1,109 @@
+"""The CPU int8 decode kernel (csrc/int8_linear.cpp): built on first use, used where it can run.
+
+Owns finding out whether this machine can run the kernel, building it once per machine (C++ through
+torch's extension builder, ``-march=native``, cached under ``~/.cache/qwen2audio``), and the
+``torch.ops.qwen2audio_cpu.int8_linear`` operator it registers. Anything short of that (no compiler,
+a CPU without AVX-512, not Linux, ``QWEN2AUDIO_CPU_KERNELS=0``) leaves torch's own
+``_weight_int8pack_mm`` in charge, which gives the same numbers at up to half the speed: a warning
+says why, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "int8_linear.cpp"
+BLOCK = 64  # the kernel's activation block: a layer's input width must be a multiple
+LONGEST = 8192  # wider inputs (the 7B's down_proj) stay on torch's kernel, faster there
+_NEEDS = ("avx512f", "avx512bw")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def fits(in_features: int) -> bool:
+    """Whether a layer of this input width can take the kernel (for some row counts), if the machine can."""
+    return in_features % BLOCK == 0 and in_features <= LONGEST
+
+
+def suits(rows: int, in_features: int) -> bool:
+    """Whether the kernel is the faster one for ``rows`` rows into a layer that :func:`fits`: where the
+    rows' int16 codes stay in L1 beside the weights (bench/int8_kernels.py; beyond that, torch's
+    kernel, which interleaves rows, wins)."""
+    return in_features <= 1024 or rows * in_features <= LONGEST
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded in this process (building it the first time: ~30 s)."""
+    reason = _unusable() or _built()
+    if reason:
+        _warn(reason)
+    return not reason
+
+
+@functools.cache
+def _built() -> str:
+    """An empty string once built and loaded, else why not (cached: a process builds and registers it once)."""
+    try:
+        _build()
+        return "" if torch.ops.qwen2audio_cpu.int8_available() else "it was compiled without AVX-512"
+    except Exception as exc:  # a compiler error, a missing ninja: the slower kernel still works
+        return f"it could not be built ({type(exc).__name__}: {' '.join(str(exc).split())[-300:]})"
+
+
+@functools.cache
+def _warn(reason: str) -> None:
+    if reason != "QWEN2AUDIO_CPU_KERNELS=0":
+        logger.warning("int8 decode runs on torch's _weight_int8pack_mm, the slower CPU kernel: %s", reason)
+
+
+def _unusable() -> str | None:
+    if os.environ.get("QWEN2AUDIO_CPU_KERNELS", "1") == "0":
+        return "QWEN2AUDIO_CPU_KERNELS=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"it is built for x86-64 Linux, not {platform.system()} {platform.machine()}"
+    missing = [flag for flag in _NEEDS if flag not in cpu_flags()]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def _build() -> None:
+    """Compile (or take the cached build for this source, torch and CPU) and load the operator library."""
+    from torch.utils import cpp_extension
+
+    compile_flags = ["-O3", "-march=native", "-fopenmp"]
+    flags = sorted(flag for flag in cpu_flags() if flag.startswith(("avx", "amx")))
+    tag = hashlib.sha256(" ".join([SOURCE.read_text(), torch.__version__, *compile_flags, *flags]).encode()).hexdigest()
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+    directory = cache / "qwen2audio" / "cpu-kernels" / tag[:16]
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "qwen2audio_cpu_int8.so").is_file():
+        logger.info("building the int8 CPU kernel for this machine (once, about 30 s)")
+    cpp_extension.load("qwen2audio_cpu_int8", [str(SOURCE)], extra_cflags=compile_flags, extra_ldflags=["-fopenmp"],
+                       build_directory=str(directory), is_python_module=False, verbose=False)
+    torch.library.register_fake("qwen2audio_cpu::int8_linear")(_fake)
+
+
+def _fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (float) times int8 codes [N, K] scaled per row by ``scales`` [N] -> [M, N] in x's dtype."""
+    return torch.ops.qwen2audio_cpu.int8_linear(x, weight, scales)
