@@ -73,6 +73,8 @@ def test_each_layer_against_its_hand_dequantized_weight(config, rows, dtype):
         got = layer(x)
     assert got.shape == (rows, 192) and got.dtype == dtype
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    if dtype == torch.float32 and layer._layout == "lanes" and rows <= DECODE_ROWS:
+        tolerance = 6e-5  # our int4 kernel's two levels of activation codes: about 2e-5
     assert ((got.double() - expected).norm() / expected.norm()).item() < tolerance
 
 
@@ -120,7 +122,7 @@ def test_our_int4_layout_is_torchs_on_each_cpu_build(capability):
     assert torch.equal(unpack_int4(pack_int4(codes := torch.randint(0, 16, (8, 64), dtype=torch.uint8))), codes)
     if capability == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("this CPU has no AVX-512")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "QWEN2AUDIO_CPU_KERNELS": "0"}  # torch's kernel
     done = subprocess.run([sys.executable, "-c", INT4_LAYOUT_CHECK], capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -226,7 +228,7 @@ def test_quantized_loading_refuses_bad_requests(trained_checkpoint):
 
 @pytest.mark.parametrize("config", [QuantConfig("int8"), QuantConfig("int4", 32)])
 def test_prefill_in_row_slices_and_after_repacking(monkeypatch, config):
-    """Large layers dequantize a slice of rows at a time; int4 codes repacked for the CPU kernel
+    """Large layers dequantize a slice of rows at a time; int4 codes repacked for a CPU kernel
     (on the first decode step) still dequantize, and save, as before."""
     linear = trained_looking(320, 128, seed=2)
     layer = QuantizedLinear.from_float(linear, config, dtype=torch.float32)
@@ -239,4 +241,4 @@ def test_prefill_in_row_slices_and_after_repacking(monkeypatch, config):
         sliced = layer(x)
     assert torch.allclose(whole, sliced, rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.saved_qweight(), saved)
-    assert (layer._layout == "cpu") == (config.scheme == "int4")
+    assert (layer._layout in ("cpu", "lanes")) == (config.scheme == "int4")

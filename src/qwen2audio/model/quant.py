@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2audio.errors import CheckpointError
-from qwen2audio.model import cpu_int8, quant_cuda
+from qwen2audio.model import cpu_kernels, quant_cuda
 
 Scheme = Literal["int8", "int4", "fp8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
@@ -91,10 +91,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16, **store))
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.bfloat16, **store))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._layout = "rows"  # int4 codes: as saved, or repacked in place for the CPU kernel / tinygemm
+        self._layout = "rows"  # int4 codes: as saved, or repacked in place for a CPU kernel / tinygemm
         self._prepared = False  # see prepare
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._own_int8 = False  # int8 decode rows on model/cpu_int8.py's kernel (else torch's)
+        self._own_int8 = False  # int8 decode rows on model/cpu_kernels.py's kernel (else torch's)
         self._scales32: torch.Tensor | None = None  # its scales
         self._scale: torch.Tensor | None = None
 
@@ -155,11 +155,11 @@ class QuantizedLinear(nn.Module):
         if self._layout == "cuda":
             raise RuntimeError("these int4 codes are held in tinygemm's GPU layout only: load the checkpoint on the "
                                "CPU to read or save them")
-        return cpu_int4_codes(self.qweight, cpu_int4_format()) if self._layout == "cpu" else unpack_int4(self.qweight)
+        return held_codes(self.qweight, self._layout)
 
     def saved_qweight(self) -> torch.Tensor:
         """``qweight`` in the documented (saved) layout, whichever layout it is held in."""
-        return pack_int4(self.codes()) if self._layout == "cpu" else self.qweight
+        return self.qweight if self._layout == "rows" else pack_int4(self.codes())
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight the codes stand for, [out, in], input scale multiplied back in."""
@@ -169,8 +169,7 @@ class QuantizedLinear(nn.Module):
         """W / s (what the codes encode directly) for a range of output rows, in ``dtype``."""
         if self.config.scheme != "int4":
             return self.qweight[rows].to(dtype) * self.scales[rows].to(dtype)[:, None]
-        packed = self.qweight[rows]  # in the CPU layout, row slices on 64-row blocks stay whole blocks
-        codes = cpu_int4_codes(packed, cpu_int4_format()) if self._layout == "cpu" else unpack_int4(packed)
+        codes = held_codes(self.qweight[rows], self._layout)  # slices on 64 rows keep CPU blocks whole
         groups = codes.to(dtype).reshape(codes.shape[0], -1, self.config.group_size)
         scales = self.scales[rows].float()
         low = (self.zeros[rows].float() - 8 * scales).to(dtype)  # (q - 8) * scale + zero = q * scale + low
@@ -195,8 +194,10 @@ class QuantizedLinear(nn.Module):
             return self._dequantized_linear(x)
         flat = x.reshape(rows, self.in_features)
         packed, scales = kernel
-        if self._own_int8 and cpu_int8.suits(rows, self.in_features):
-            out = cpu_int8.int8_linear(flat, packed, self._scales32)
+        if self._own_int8 and cpu_kernels.suits(rows, self.in_features):
+            out = cpu_kernels.int8_linear(flat, packed, self._scales32)
+        elif self._layout == "lanes":
+            out = cpu_kernels.int4_linear(flat, packed, scales, self.config.group_size)
         elif self.config.scheme == "int8":
             out = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
         else:
@@ -247,9 +248,14 @@ class QuantizedLinear(nn.Module):
         elif self.dtype not in (torch.float32, torch.bfloat16) or self.config.scheme == "fp8":
             self._kernel = None
         elif self.config.scheme == "int8":
-            self._own_int8 = cpu_int8.fits(self.in_features) and cpu_int8.available()
+            self._own_int8 = cpu_kernels.fits(self.in_features) and cpu_kernels.available()
             self._scales32 = self.scales.float() if self._own_int8 else None
             self._kernel = self.qweight, self.scales.to(self.dtype)
+        elif cpu_kernels.int4_fits(self.out_features, self.in_features, self.config.group_size) and \
+                cpu_kernels.available():
+            self.qweight = lanes_layout(self.qweight)  # in place of the saved layout
+            self._layout = "lanes"
+            self._kernel = self.qweight, lanes_scales(self.scales, self.zeros)
         elif self.out_features % _BLOCK_N == 0 and cpu_int4_format() is not None:
             self.qweight = cpu_int4_layout(self.qweight, cpu_int4_format())  # in place of the saved layout
             self._layout = "cpu"
@@ -315,6 +321,38 @@ def cpu_int4_codes(kernel: torch.Tensor, layout: tuple[int, str]) -> torch.Tenso
     low, high = pairs & 15, pairs >> 4
     codes = torch.cat([low, high], dim=1) if pairing == "halves" else torch.stack([low, high], dim=2)
     return codes.reshape(rows, half * 2)
+
+
+def held_codes(packed: torch.Tensor, layout: str) -> torch.Tensor:
+    """int4 codes [out, in] (0..15) from a CPU-held ``qweight`` in ``layout`` ("rows", "lanes", "cpu")."""
+    if layout == "lanes":
+        return lanes_codes(packed)
+    return cpu_int4_codes(packed, cpu_int4_format()) if layout == "cpu" else unpack_int4(packed)
+
+
+def lanes_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Row-major nibbles [out, in / 2] -> the order model/cpu_kernels.py's int4 kernel reads: per 16-row
+    block and 8 inputs, 64 bytes, byte 4r + j holding row r's input j (low nibble) and j + 4 (high)."""
+    codes = unpack_int4(packed)
+    rows, cols = codes.shape
+    pieces = codes.reshape(rows // cpu_kernels.LANES, cpu_kernels.LANES, cols // 8, 2, 4)
+    joined = pieces[:, :, :, 0] | (pieces[:, :, :, 1] << 4)  # [block, row, 8 inputs, 4]
+    return joined.permute(0, 2, 1, 3).reshape(rows, cols // 2).contiguous()
+
+
+def lanes_codes(kernel: torch.Tensor) -> torch.Tensor:
+    """The codes [out, in] held in lanes order (the inverse of ``lanes_layout``)."""
+    rows, half = kernel.shape
+    pieces = kernel.reshape(rows // cpu_kernels.LANES, half // 4, cpu_kernels.LANES, 4).permute(0, 2, 1, 3)
+    return torch.stack([pieces & 15, pieces >> 4], dim=3).reshape(rows, half * 2)
+
+
+def lanes_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Scales and zeros [out, groups] -> [out / 16, groups, 2, 16] bfloat16, a block's 16 of each together."""
+    rows, groups = scales.shape
+    both = torch.stack([scales, zeros]).to(torch.bfloat16).reshape(2, rows // cpu_kernels.LANES, cpu_kernels.LANES,
+                                                                   groups)
+    return both.permute(1, 3, 0, 2).contiguous()
 
 
 def _bf16_exact(values: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""The CPU int8 decode kernel (csrc/int8_linear.cpp): built on first use, used where it can run.
+"""The CPU int8 and int4 decode kernels (csrc/): built on first use, used where they can run.
 
-Owns finding out whether this machine can run the kernel, building it once per machine (C++ through
-torch's extension builder, ``-march=native``, cached under ``~/.cache/qwen2audio``), and the
-``torch.ops.qwen2audio_cpu.int8_linear`` operator it registers. Anything short of that (no compiler,
-a CPU without AVX-512, not Linux, ``QWEN2AUDIO_CPU_KERNELS=0``) leaves torch's own
-``_weight_int8pack_mm`` in charge, which gives the same numbers at up to half the speed: a warning
-says why, once.
+Owns finding out whether this machine can run the kernels, building them once per machine (C++
+through torch's extension builder, ``-march=native``, cached under ``~/.cache/qwen2audio``), and the
+``torch.ops.qwen2audio_cpu.int8_linear`` / ``int4_linear`` operators they register. Anything short
+of that (no compiler, a CPU without AVX-512, not Linux, ``QWEN2AUDIO_CPU_KERNELS=0``) leaves torch's
+own ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` in charge, which are slower (int8: the
+same numbers at up to half the speed): a warning says why, once.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name("csrc") / "int8_linear.cpp"
+SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("int8_linear.cpp", "int4_linear.cpp"))
 BLOCK = 64  # the kernel's activation block: a layer's input width must be a multiple
 LONGEST = 8192  # wider inputs (the 7B's down_proj) stay on torch's kernel, faster there
+LANES = 16  # the int4 kernel's block of output rows
 _NEEDS = ("avx512f", "avx512bw")
 
 
@@ -51,7 +52,7 @@ def suits(rows: int, in_features: int) -> bool:
 
 
 def available() -> bool:
-    """Whether the kernel is built and loaded in this process (building it the first time: ~30 s)."""
+    """Whether the kernels are built and loaded in this process (building them the first time: ~60 s)."""
     reason = _unusable() or _built()
     if reason:
         _warn(reason)
@@ -63,7 +64,8 @@ def _built() -> str:
     """An empty string once built and loaded, else why not (cached: a process builds and registers it once)."""
     try:
         _build()
-        return "" if torch.ops.qwen2audio_cpu.int8_available() else "it was compiled without AVX-512"
+        ops = torch.ops.qwen2audio_cpu
+        return "" if ops.int8_available() and ops.int4_available() else "it was compiled without AVX-512"
     except Exception as exc:  # a compiler error, a missing ninja: the slower kernel still works
         return f"it could not be built ({type(exc).__name__}: {' '.join(str(exc).split())[-300:]})"
 
@@ -71,7 +73,7 @@ def _built() -> str:
 @functools.cache
 def _warn(reason: str) -> None:
     if reason != "QWEN2AUDIO_CPU_KERNELS=0":
-        logger.warning("int8 decode runs on torch's _weight_int8pack_mm, the slower CPU kernel: %s", reason)
+        logger.warning("int8 and int4 decode run on torch's CPU kernels, the slower ones: %s", reason)
 
 
 def _unusable() -> str | None:
@@ -89,21 +91,35 @@ def _build() -> None:
 
     compile_flags = ["-O3", "-march=native", "-fopenmp"]
     flags = sorted(flag for flag in cpu_flags() if flag.startswith(("avx", "amx")))
-    tag = hashlib.sha256(" ".join([SOURCE.read_text(), torch.__version__, *compile_flags, *flags]).encode()).hexdigest()
+    sources = [source.read_text() for source in SOURCES]
+    tag = hashlib.sha256(" ".join([*sources, torch.__version__, *compile_flags, *flags]).encode()).hexdigest()
     cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
     directory = cache / "qwen2audio" / "cpu-kernels" / tag[:16]
     directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / "qwen2audio_cpu_int8.so").is_file():
-        logger.info("building the int8 CPU kernel for this machine (once, about 30 s)")
-    cpp_extension.load("qwen2audio_cpu_int8", [str(SOURCE)], extra_cflags=compile_flags, extra_ldflags=["-fopenmp"],
-                       build_directory=str(directory), is_python_module=False, verbose=False)
+    if not (directory / "qwen2audio_cpu.so").is_file():
+        logger.info("building the int8 and int4 CPU kernels for this machine (once, about a minute)")
+    cpp_extension.load("qwen2audio_cpu", [str(source) for source in SOURCES], extra_cflags=compile_flags,
+                       extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+                       verbose=False)
     torch.library.register_fake("qwen2audio_cpu::int8_linear")(_fake)
+    torch.library.register_fake("qwen2audio_cpu::int4_linear")(_fake)
 
 
-def _fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (float) times int8 codes [N, K] scaled per row by ``scales`` [N] -> [M, N] in x's dtype."""
     return torch.ops.qwen2audio_cpu.int8_linear(x, weight, scales)
+
+
+def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether a layer of this shape can take the int4 kernel (whole 16-row blocks, whole groups)."""
+    return out_features % LANES == 0 and group_size % 32 == 0 and in_features % group_size == 0
+
+
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] (float) times int4 codes in lanes order (quant.lanes_layout) with their bfloat16 scales and
+    zeros [N / 16, K / group, 2, 16] -> [M, N] in x's dtype."""
+    return torch.ops.qwen2audio_cpu.int4_linear(x, weight, scales_zeros, group_size)
