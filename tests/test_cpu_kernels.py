@@ -23,6 +23,13 @@ CAN_RUN = cpu_kernels._unusable() is None
 needs_kernel = pytest.mark.skipif(not CAN_RUN, reason=f"the kernel cannot run here: {cpu_kernels._unusable()}")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _built():
+    """The operators exist once built (each test may run alone)."""
+    if CAN_RUN:
+        cpu_kernels.available()
+
+
 def operands(rows: int, out_features: int, in_features: int, dtype: torch.dtype, seed: int = 0):
     """Activations with a few channels 30x the rest (as the residual stream has), codes, row scales."""
     generator = torch.Generator().manual_seed(seed)
@@ -194,3 +201,60 @@ def test_int4_layers_take_the_kernel_where_it_can_run_and_torchs_elsewhere(monke
     assert ((decoded.double() - reference.double()).norm() / reference.double().norm()).item() < 1.5e-2
     assert torch.allclose(prefill.float(), theirs(x.repeat(DECODE_ROWS, 1))[:3].float(), rtol=1e-2, atol=1e-2)
     assert torch.equal(ours.saved_qweight(), saved) and torch.equal(theirs.saved_qweight(), saved)
+
+
+# ----- decode attention ------------------------------------------------------------------------------
+
+
+def attention_by_hand(query, k_cache, v_cache, tables, lengths):
+    """float64 softmax(q k / sqrt(d)) v for each sequence over its first lengths[s] keys, read slot by
+    slot through its block table, query head j on KV head j // (H / KVH)."""
+    block_size, kv_heads, dim = k_cache.shape[1:]
+    heads = query.shape[1]
+    out = torch.empty(query.shape, dtype=torch.float64)
+    for s, length in enumerate(lengths.tolist()):
+        slots = [int(tables[s, p // block_size]) * block_size + p % block_size for p in range(length)]
+        keys = k_cache.double().reshape(-1, kv_heads, dim)[slots]  # [L, KVH, d]
+        values = v_cache.double().reshape(-1, kv_heads, dim)[slots]
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            weights = torch.softmax(keys[:, kv] @ query[s, h].double() / dim**0.5, dim=0)
+            out[s, h] = weights @ values[:, kv]
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize(("query_dtype", "cache_dtype"), [(torch.float32, torch.float32),
+                                                          (torch.bfloat16, torch.bfloat16),
+                                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 2, 64), (4, 4, 128), (14, 2, 16)])
+def test_decode_attention_against_a_hand_softmax(query_dtype, cache_dtype, heads, kv_heads, dim):
+    """Sequences of 1 to 70 positions (a partly filled last block, one position, several blocks), blocks
+    scattered through the cache in no order."""
+    generator = torch.Generator().manual_seed(heads + dim)
+    block_size, blocks = 16, 12
+    k_cache = torch.randn(blocks, block_size, kv_heads, dim, generator=generator).to(cache_dtype)
+    v_cache = torch.randn(blocks, block_size, kv_heads, dim, generator=generator).to(cache_dtype)
+    lengths = torch.tensor([70, 1, 16, 33], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(blocks, generator=generator)[:5] for _ in range(4)])
+    query = (2 * torch.randn(4, heads, dim, generator=generator)).to(query_dtype)
+    got = cpu_kernels.decode_attention(query, k_cache, v_cache, tables, lengths)
+    assert got.shape == query.shape and got.dtype == query_dtype
+    expected = attention_by_hand(query, k_cache, v_cache, tables, lengths)
+    error = ((got.double() - expected).norm() / expected.norm()).item()
+    assert error < (1e-6 if query_dtype == torch.float32 else 4e-3), error  # bfloat16: the output's rounding
+    assert torch.allclose(got[1].double(), v_cache[tables[1, 0], 0].double().repeat_interleave(heads // kv_heads, 0),
+                          rtol=1e-2, atol=1e-2)  # one key: its value, exactly up to rounding
+
+
+@needs_kernel
+def test_decode_attention_refusals():
+    k_cache = torch.randn(4, 8, 2, 32)
+    query, tables = torch.randn(1, 4, 32), torch.tensor([[0, 3]])
+    with pytest.raises(RuntimeError, match="outside its table"):
+        cpu_kernels.decode_attention(query, k_cache, k_cache, tables, torch.tensor([17]))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.decode_attention(query, k_cache, k_cache, torch.tensor([[0, 4]]), torch.tensor([9]))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 cache"):
+        cpu_kernels.decode_attention(query, k_cache.half(), k_cache.half(), tables, torch.tensor([3]))
+    assert not cpu_kernels.attention_fits(torch.randn(1, 4, 24), torch.randn(4, 8, 2, 24))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from qwen2audio.model import cpu_kernels
+
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, kv_heads, head_dim]
 FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -104,6 +106,8 @@ def decode_attention(query: torch.Tensor, cache: KVCache, meta: AttentionMetadat
     k_cache, v_cache = cache
     tables = meta.decode_tables(k_cache.shape[1])  # [D, B]
     if query.device.type == "cpu":
+        if cpu_kernels.attention_fits(query, k_cache):
+            return cpu_kernels.decode_attention(query, k_cache, v_cache, tables, meta.decode_context_lens)
         keys = _gather(k_cache, tables, torch.float32).flatten(1, 2)  # [D, L, KVH, d]
         values = _gather(v_cache, tables, torch.float32).flatten(1, 2)
         return _decode_attention_cpu(query, keys, values, meta.decode_context_lens)

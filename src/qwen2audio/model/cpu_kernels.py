@@ -1,11 +1,12 @@
-"""The CPU int8 and int4 decode kernels (csrc/): built on first use, used where they can run.
+"""The CPU decode kernels (csrc/): int8 and int4 weights, attention on the paged KV cache. Built on
+first use, used where they can run.
 
 Owns finding out whether this machine can run the kernels, building them once per machine (C++
 through torch's extension builder, ``-march=native``, cached under ``~/.cache/qwen2audio``), and the
-``torch.ops.qwen2audio_cpu.int8_linear`` / ``int4_linear`` operators they register. Anything short
-of that (no compiler, a CPU without AVX-512, not Linux, ``QWEN2AUDIO_CPU_KERNELS=0``) leaves torch's
-own ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` in charge, which are slower (int8: the
-same numbers at up to half the speed): a warning says why, once.
+``torch.ops.qwen2audio_cpu`` operators they register (``int8_linear``, ``int4_linear``,
+``decode_attention``). Anything short of that (no compiler, a CPU without AVX-512, not Linux,
+``QWEN2AUDIO_CPU_KERNELS=0``) leaves torch's own kernels in charge (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``, gathered batched products), which are slower: a warning says why, once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("int8_linear.cpp", "int4_linear.cpp"))
+SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("int8_linear.cpp", "int4_linear.cpp",
+                                                                                  "decode_attention.cpp"))
 BLOCK = 64  # the kernel's activation block: a layer's input width must be a multiple
 LONGEST = 8192  # wider inputs (the 7B's down_proj) stay on torch's kernel, faster there
 LANES = 16  # the int4 kernel's block of output rows
@@ -51,6 +53,7 @@ def suits(rows: int, in_features: int) -> bool:
     return in_features <= 1024 or rows * in_features <= LONGEST
 
 
+@torch.compiler.assume_constant_result  # a compiled decode step decides once, when it is traced
 def available() -> bool:
     """Whether the kernels are built and loaded in this process (building them the first time: ~60 s)."""
     reason = _unusable() or _built()
@@ -65,7 +68,8 @@ def _built() -> str:
     try:
         _build()
         ops = torch.ops.qwen2audio_cpu
-        return "" if ops.int8_available() and ops.int4_available() else "it was compiled without AVX-512"
+        built = ops.int8_available() and ops.int4_available() and ops.attention_available()
+        return "" if built else "it was compiled without AVX-512"
     except Exception as exc:  # a compiler error, a missing ninja: the slower kernel still works
         return f"it could not be built ({type(exc).__name__}: {' '.join(str(exc).split())[-300:]})"
 
@@ -73,7 +77,7 @@ def _built() -> str:
 @functools.cache
 def _warn(reason: str) -> None:
     if reason != "QWEN2AUDIO_CPU_KERNELS=0":
-        logger.warning("int8 and int4 decode run on torch's CPU kernels, the slower ones: %s", reason)
+        logger.warning("CPU decode steps run on torch's kernels, the slower ones: %s", reason)
 
 
 def _unusable() -> str | None:
@@ -97,16 +101,21 @@ def _build() -> None:
     directory = cache / "qwen2audio" / "cpu-kernels" / tag[:16]
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "qwen2audio_cpu.so").is_file():
-        logger.info("building the int8 and int4 CPU kernels for this machine (once, about a minute)")
+        logger.info("building the CPU decode kernels for this machine (once, about a minute)")
     cpp_extension.load("qwen2audio_cpu", [str(source) for source in SOURCES], extra_cflags=compile_flags,
                        extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
                        verbose=False)
     torch.library.register_fake("qwen2audio_cpu::int8_linear")(_fake)
     torch.library.register_fake("qwen2audio_cpu::int4_linear")(_fake)
+    torch.library.register_fake("qwen2audio_cpu::decode_attention")(_fake_attention)
 
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _fake_attention(query: torch.Tensor, *_: object) -> torch.Tensor:
+    return torch.empty_like(query)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -123,3 +132,19 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_zeros: torch.Tenso
     """x [M, K] (float) times int4 codes in lanes order (quant.lanes_layout) with their bfloat16 scales and
     zeros [N / 16, K / group, 2, 16] -> [M, N] in x's dtype."""
     return torch.ops.qwen2audio_cpu.int4_linear(x, weight, scales_zeros, group_size)
+
+
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def attention_fits(query: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether decode attention of this query over this cache can take the kernel (building it if need be)."""
+    return (query.device.type == "cpu" and query.dtype in ATTENTION_DTYPES and cache.dtype in ATTENTION_DTYPES
+            and query.shape[-1] % 16 == 0 and available())
+
+
+def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """query [D, H, d], caches [blocks, block_size, KVH, d], block tables [D, B], lengths [D] -> [D, H, d]:
+    each sequence's query over its first ``lengths[s]`` cached keys, read in place."""
+    return torch.ops.qwen2audio_cpu.decode_attention(query.contiguous(), k_cache, v_cache, tables, lengths)
