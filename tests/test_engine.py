@@ -6,6 +6,8 @@ import asyncio
 import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from qwen2audio import load_audio
+from qwen2audio import heap, load_audio
 from qwen2audio.api import Qwen2Audio
 from qwen2audio.config import GenerationConfig
-from qwen2audio.engine import async_engine
-from qwen2audio.engine.async_engine import IDLE_WAIT_S, AsyncEngine, trim_heap
+from qwen2audio.engine.async_engine import IDLE_WAIT_S, AsyncEngine
 from qwen2audio.engine.options import EngineOptions
 from qwen2audio.engine.request import Request, SamplingError, SamplingParams
 from qwen2audio.errors import PromptError
@@ -543,20 +544,54 @@ def rss_mb() -> float:
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="reads RSS from /proc")
-def test_trim_heap_hands_freed_memory_back():
+def test_releasing_the_heap_hands_freed_memory_back():
     """Memory freed in small pieces stays in the process until trimmed: 200 MB of 2 KB blocks, 99% freed."""
     blocks = [bytes(2000) for _ in range(100_000)]
     kept = blocks[::100]
     del blocks
     before = rss_mb()
-    trim_heap()
+    heap.release()
     assert before - rss_mb() > 100 and len(kept) == 1000
+
+
+KEEP_FREED_CHECK = """
+import resource, sys, torch
+from qwen2audio import heap
+
+def faults() -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):  # 64 MB allocated, written, freed, five times over
+        torch.empty(2**24).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+default = faults()
+applied = heap.keep_freed()
+faults()
+kept = faults()
+print(applied, default, kept)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_keeping_freed_memory_stops_refaulting_each_step():
+    """By default glibc maps a 64 MB tensor afresh each time (16,384 page faults); kept, it is reused.
+    A user's own MALLOC_ settings are left alone."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", KEEP_FREED_CHECK], capture_output=True, text=True, env=env,
+                          timeout=120)
+    applied, default, kept = done.stdout.split()
+    assert applied == "True" and int(default) > 5 * 16000 and int(kept) < 1000, done.stdout
+    env["MALLOC_TRIM_THRESHOLD_"] = "131072"
+    done = subprocess.run([sys.executable, "-c", KEEP_FREED_CHECK], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.stdout.split()[0] == "False", done.stdout + done.stderr
 
 
 def test_the_async_engine_trims_the_heap_once_it_has_idled(model, monkeypatch):
     """Once after a burst, when a whole wait passed with nothing to do; never before any work."""
     calls = []
-    monkeypatch.setattr(async_engine, "trim_heap", lambda: calls.append(time.monotonic()))
+    monkeypatch.setattr(heap, "release", lambda: calls.append(time.monotonic()))
     engine = fresh_engine(model)
     driver = AsyncEngine(engine)
     prompt = engine.processor.prepare(conv(text("Hi")))

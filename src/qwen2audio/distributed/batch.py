@@ -9,6 +9,7 @@ and the summary. Scheduling, retries and replacing dead actors are Ray Data's; n
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -372,7 +373,7 @@ class BatchJob:
                    "device": self.device, "dtype": self.dtype, "quantization": self.quantization,
                    "segmentation": self.segmentation, "engine_options": self.engine_options}
         return source.map_batches(Qwen2AudioPredictor, fn_constructor_kwargs=replica, batch_size=self.batch_size,
-                                  compute=ray.data.ActorPoolStrategy(size=self.replicas),
+                                  compute=replica_pool(ray, self.replicas),
                                   num_gpus=replica_gpus(self.gpus_per_replica) or None,
                                   num_cpus=self.cpus_per_replica)
 
@@ -387,6 +388,17 @@ class BatchJob:
             prompt_tokens=sum(int(row.get("prompt_tokens") or 0) for row in rows),
             completion_tokens=sum(int(row.get("completion_tokens") or 0) for row in rows), seconds=seconds,
             failures={row["id"]: row["error"] for row in rows if row.get("error")})
+
+
+def replica_pool(ray: Any, replicas: int) -> Any:
+    """A fixed pool of ``replicas`` actors whose engine runs on the actor's main thread. By default
+    Ray Data calls a class from a thread of its own, and torch's CPU steps ran 10-25% slower there
+    than on a process's main thread (bench/RESULTS.md, Ray); older Ray releases lack the option and
+    keep their thread."""
+    strategy = ray.data.ActorPoolStrategy
+    if "enable_true_multi_threading" in inspect.signature(strategy).parameters:
+        return strategy(size=replicas, enable_true_multi_threading=True)  # calls one at a time all the same
+    return strategy(size=replicas)
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

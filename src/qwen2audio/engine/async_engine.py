@@ -8,18 +8,16 @@ and after every step the loop publishes an EngineStats snapshot that other threa
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import functools
 import logging
 import queue
-import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from qwen2audio import heap
 from qwen2audio.engine.core import Engine
 from qwen2audio.engine.request import Prompt, RequestOutput, SamplingParams
 from qwen2audio.engine.scheduler import EngineStats
@@ -147,7 +145,7 @@ class AsyncEngine:
                         self._deliver(output.request_id, output, final=output.finished)
                     untrimmed = True
                 elif untrimmed and not commanded:  # idle for a whole wait
-                    trim_heap()
+                    heap.release()  # idle for a whole wait: see heap.release
                     untrimmed = False
                 self.stats = self.engine.stats()
             self._drain(block=False)  # aborts sent before the stop still free their requests
@@ -212,26 +210,3 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
         loop, stream = target
         loop.call_soon_threadsafe(stream.put_nowait, item)
-
-
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
-
-    Requests allocate and free audio, features and activations of every size from several threads;
-    glibc keeps what they freed, so a server's RSS climbed by 100-250 MB per 512 requests although
-    what it held stayed put (bench/server_load.py: 1.4 -> 1.8 GB over five passes, 0.8 -> 1.0 GB
-    once trimmed). Called when the engine has been idle for a whole wait: about 50 ms for 600 MB,
-    with the interpreter lock released."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None

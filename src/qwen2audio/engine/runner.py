@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from qwen2audio import heap
 from qwen2audio.audio.features import FeatureExtractor
 from qwen2audio.engine.compiled_decode import CompiledDecoder
 from qwen2audio.engine.cuda_graphs import StaticDecoder
@@ -77,6 +78,8 @@ class ModelRunner:
         self.network, self.features = network, features
         self.block_size = options.block_size
         self.device, self.dtype = network.device, network.dtype
+        if self.device.type == "cpu":
+            heap.keep_freed()  # every step allocates and frees activations: see heap.keep_freed
         self.cache_dtype = kv_cache_dtype(options.kv_cache_dtype, self.dtype)
         network.backend.verify_cache(network.config.text, self.device, self.dtype, self.cache_dtype)
         # the adapters' buffers first: the KV cache takes what memory is left after them

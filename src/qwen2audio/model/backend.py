@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qwen2audio import heap
 from qwen2audio.config import TextConfig
 from qwen2audio.model.attention import AttentionMetadata, KVCache, decode_attention, write_cache
 from qwen2audio.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from qwen2audio.model.quant import QuantizedLinear
-from qwen2audio.model.weights import release_free_memory
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -188,7 +188,7 @@ def prepare_network(network: nn.Module) -> int:
     for module in quantized:
         module.prepare()
     if quantized:
-        release_free_memory()  # the codes' loading layout, freed as each layer was repacked
+        heap.release()  # the codes' loading layout, freed as each layer was repacked
     if not network.backend.onednn:
         return 0
     from torch.utils.mkldnn import MkldnnLinear

@@ -9,15 +9,13 @@ weights: a mapping keeps every page it touched resident until the file is closed
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import logging
 import os
 import pathlib
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qwen2audio import heap
 from qwen2audio.errors import CheckpointError
 from qwen2audio.model.quant import QuantizedLinear
 
@@ -183,25 +182,8 @@ def load_weights(model: nn.Module, directory: pathlib.Path, progress: bool = Tru
         for layer, parts in quantizing.items():
             layer.quantize_from(lambda parts=parts: _row_pieces(parts, scratch))
             bar.update(sum(entry.nbytes for _, entry in parts))
-            release_free_memory()  # quantizing frees many mid-sized temporaries: see release_free_memory
-    release_free_memory()
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). glibc
-    serves allocations under its adaptive mmap threshold (up to 32 MB) from heaps it seldom
-    shrinks: quantizing the 7B left 0.75 GiB of freed temporaries resident without this."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
+            heap.release()  # quantizing frees many mid-sized temporaries
+    heap.release()
 
 
 def _map_into(param: torch.Tensor, entry: TensorEntry) -> bool:
