@@ -189,11 +189,6 @@ def test_two_nodes(tiny_checkpoint, manifest, expected, tmp_path):
         nodes.shutdown()
 
 
-class _Where:
-    def __call__(self, batch):
-        return {"thread": [threading.current_thread().name] * len(batch["id"])}
-
-
 def test_the_replica_pool_calls_on_the_actors_main_thread(cluster):
     """Ray Data's default calls a class from a thread of its own, where torch's CPU steps ran 10-25%
     slower than on the main thread (bench/RESULTS.md)."""
@@ -201,5 +196,10 @@ def test_the_replica_pool_calls_on_the_actors_main_thread(cluster):
 
     if "enable_true_multi_threading" not in inspect.signature(ray.data.ActorPoolStrategy).parameters:
         pytest.skip("this Ray release calls from its own thread whatever the pool")
-    rows = ray.data.range(4).map_batches(_Where, batch_size=2, compute=replica_pool(ray, 1), num_cpus=0.5).take_all()
+
+    class Where:  # defined here, so that Ray ships it by value (the workers cannot import this file)
+        def __call__(self, batch):
+            return {"thread": [threading.current_thread().name] * len(batch["id"])}
+
+    rows = ray.data.range(4).map_batches(Where, batch_size=2, compute=replica_pool(ray, 1), num_cpus=0.5).take_all()
     assert {row["thread"] for row in rows} == {"MainThread"}
