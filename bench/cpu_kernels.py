@@ -1,7 +1,9 @@
 """Our CPU decode kernels (model/cpu_kernels.py) against torch's, side by side: int8 against
-``_weight_int8pack_mm``, int4 (groups of 128) against ``_weight_int4pack_mm_for_cpu``.
+``_weight_int8pack_mm``, int4 (groups of 128) against ``_weight_int4pack_mm_for_cpu``, decode
+attention over the paged bfloat16 KV cache against the eager path (gather, widen, two products).
 
-    python bench/cpu_kernels.py [--scheme int8|int4] [--threads 2] [--repeats 30] [--rows 1,4,16]
+    python bench/cpu_kernels.py [--scheme int8|int4|attention] [--threads 2] [--repeats 30] [--rows 1,4,16]
+                                [--context 800]
 
 On the decoder shapes of the mid-size checkpoint bench/llamacpp.py uses (hidden 896: fused qkv,
 gate_up, down, the 151,936-word output layer) and of Qwen2-Audio-7B (hidden 4096). A decode step
@@ -101,9 +103,44 @@ def int4_pair(out_features: int, in_features: int, copies: int, generator: torch
             weight.reshape(out_features, in_features))
 
 
+ATTENTION_SHAPES = {"mid": (14, 2, 64), "7B": (32, 32, 128)}  # query heads, KV heads, head size
+
+
+def attention(name: str, rows: int, context: int, repeats: int) -> tuple[float, float, float, float]:
+    """(ours ms, eager ms, relative difference, GB of cache read): ``rows`` sequences of ``context``
+    positions each, their blocks scattered through the cache."""
+    from qwen2audio.model import cpu_kernels
+    from qwen2audio.model.attention import _decode_attention_cpu, _gather
+
+    heads, kv_heads, dim = ATTENTION_SHAPES[name]
+    generator = torch.Generator().manual_seed(0)
+    per_row = -(-context // 16)
+    size = 2 * rows * context * kv_heads * dim * 2
+    caches = [tuple(torch.randn(rows * per_row, 16, kv_heads, dim, generator=generator).to(torch.bfloat16)
+                    for _ in range(2)) for _ in range(max(2, int(COLD_BYTES // size)))]
+    tables = torch.randperm(rows * per_row, generator=generator).reshape(rows, per_row)
+    lengths = torch.full((rows,), context, dtype=torch.int32)
+    query = torch.randn(rows, heads, dim, generator=generator).to(torch.bfloat16)
+
+    def ours(n: int) -> torch.Tensor:
+        return cpu_kernels.decode_attention(query, *caches[n], tables, lengths)
+
+    def eager(n: int) -> torch.Tensor:
+        keys, values = (_gather(cache, tables, torch.float32).flatten(1, 2) for cache in caches[n])
+        return _decode_attention_cpu(query, keys, values, lengths)
+
+    reference = eager(0).double()
+    error = ((ours(0).double() - reference).norm() / reference.norm()).item()
+    turn = iter(range(10**9))
+    with torch.inference_mode():
+        return (timed(lambda: ours(next(turn) % len(caches)), repeats),
+                timed(lambda: eager(next(turn) % len(caches)), repeats), error, size / 1e9)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scheme", choices=("int8", "int4"), default="int8")
+    parser.add_argument("--scheme", choices=("int8", "int4", "attention"), default="int8")
+    parser.add_argument("--context", type=int, default=800, help="attention: positions per sequence")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rows", default="1,4,16")
@@ -117,6 +154,8 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     print(f"{args.scheme}: torch {torch.__version__}, {args.threads} threads, {machine}; "
           f"memory read rate {read_rate(args.repeats):.1f} GB/s")
+    if args.scheme == "attention":
+        return print_attention(args)
     print("| shape (out x in) | rows | ours ms (GB/s) | torch's ms (GB/s) | ours vs torch's | worse rel. error |")
     print("|---|---|---|---|---|---|")
     for name in args.shapes.split(","):
@@ -125,6 +164,17 @@ def main() -> None:
             ours, torchs, error = compare(args.scheme, name, rows, args.repeats)
             print(f"| {name} {SHAPES[name][0]} x {SHAPES[name][1]} | {rows} | {1e3 * ours:.2f} ({size / ours:.1f}) "
                   f"| {1e3 * torchs:.2f} ({size / torchs:.1f}) | {torchs / ours:.2f}x | {error:.1e} |", flush=True)
+
+
+def print_attention(args: argparse.Namespace) -> None:
+    print("| heads, KV heads, size | sequences x positions | ours ms (GB/s) | eager ms (GB/s) | ours vs eager "
+          "| rel. difference |")
+    print("|---|---|---|---|---|---|")
+    for name in ATTENTION_SHAPES if args.shapes == ",".join(SHAPES) else args.shapes.split(","):
+        for rows in map(int, args.rows.split(",")):
+            ours, eager, error, size = attention(name, rows, args.context, args.repeats)
+            print(f"| {name} {ATTENTION_SHAPES[name]} | {rows} x {args.context} | {1e3 * ours:.2f} ({size / ours:.1f}) "
+                  f"| {1e3 * eager:.2f} ({size / eager:.1f}) | {eager / ours:.2f}x | {error:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
