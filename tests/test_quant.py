@@ -215,6 +215,23 @@ def test_quantized_model_against_the_float_one(trained_checkpoint, float_referen
     assert errors.max().item() < max_error and agreement >= min_agreement, (errors.max().item(), agreement)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_bf16_decode_through_the_cpu_kernels_agrees_with_prefill(trained_checkpoint, scheme):
+    """The logits test above reads whole sequences, which take the dequantized GEMM; generated tokens
+    take the decode kernels (int8 activation codes for int4 in bfloat16, model/cpu_kernels.py). Each
+    greedy token must be what the same model's prefill over the same sequence ranks first, but for
+    near-ties."""
+    model = Qwen2Audio.from_pretrained(trained_checkpoint, device="cpu", dtype="bfloat16", progress=False,
+                                       quantization=scheme)
+    convs = conversations()
+    replies = model.generate(convs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=0.0)
+    batch = with_continuations(model.processor(convs), [reply.token_ids for reply in replies])
+    logits = model.logits(batch)
+    predicted = logits[:, -NEW_TOKENS - 1:-1].argmax(-1)
+    agreement = (predicted == batch.input_ids[:, -NEW_TOKENS:]).float().mean().item()
+    assert agreement >= 0.95, agreement
+
+
 def test_quantized_loading_refuses_bad_requests(trained_checkpoint):
     with pytest.raises(InputError, match="quantization must be one of int8, int4, fp8, not 'int2'"):
         Qwen2Audio.from_pretrained(trained_checkpoint, quantization="int2", progress=False)
