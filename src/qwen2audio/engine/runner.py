@@ -88,11 +88,9 @@ class ModelRunner:
         self.scratch_block = self.num_blocks  # one more block, never handed out: padded rows write there
         text = network.config.text
         shape = (self.num_blocks + 1, self.block_size, text.num_key_value_heads, text.head_dim)
-        self.caches: list[KVCache] = [
-            (torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
-             torch.zeros(shape, dtype=self.cache_dtype, device=self.device))
-            for _ in range(text.num_hidden_layers)
-        ]
+        zeros = {"dtype": self.cache_dtype, "device": self.device}
+        self.caches: list[KVCache] = [(torch.zeros(shape, **zeros), torch.zeros(shape, **zeros))
+                                      for _ in range(text.num_hidden_layers)]
         self.encoder_cache = EncoderCache(options.encoder_cache_bytes)
         self.static = self._static_decoder(options)
         self.compiled = self._compiled_decoder(options)
