@@ -338,9 +338,8 @@ class BatchJob:
             todo = [item for item in items if item["id"] not in journal.rows]
             written = 0
             if todo:
-                if not ray.is_initialized():  # a cluster of its own starts lean: no dashboard
-                    ray.init(address=self.ray_address, log_to_driver=False,
-                             include_dashboard=False if self.ray_address is None else None)
+                if not ray.is_initialized():
+                    ray.init(address=self.ray_address, log_to_driver=False)
                 written = self._stream(ray, todo, journal, len(items), progress)
         journal.finish([item["id"] for item in items])
         return self._summary(items, journal, written, time.perf_counter() - started)
