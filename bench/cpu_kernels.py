@@ -19,28 +19,17 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+
+from lowbit_kernels import timed  # bench/ is the script's own directory
 
 SHAPES = {  # name: (out_features, in_features)
     "mid qkv": (1152, 896), "mid gate_up": (9728, 896), "mid down": (896, 4864), "mid head": (151936, 896),
     "7B qkv": (12288, 4096), "7B gate_up": (22016, 4096), "7B down": (4096, 11008),
 }
 COLD_BYTES = 400e6
-
-
-def timed(run: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        run()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 def read_rate(repeats: int) -> float:

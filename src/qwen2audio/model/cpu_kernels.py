@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("int8_linear.cpp", "int4_linear.cpp",
                                                                                   "decode_attention.cpp"))
-BLOCK = 64  # the kernel's activation block: a layer's input width must be a multiple
-LONGEST = 8192  # wider inputs (the 7B's down_proj) stay on torch's kernel, faster there
+BLOCK = 64  # the int8 kernel's activation block: a layer's input width must be a multiple
+LONGEST = 8192  # wider inputs (the 7B's down_proj) stay on torch's int8 kernel, faster there
 LANES = 16  # the int4 kernel's block of output rows
 _NEEDS = ("avx512f", "avx512bw")
 
@@ -42,13 +42,13 @@ def cpu_flags() -> frozenset[str]:
 
 
 def fits(in_features: int) -> bool:
-    """Whether a layer of this input width can take the kernel (for some row counts), if the machine can."""
+    """Whether a layer of this input width can take the int8 kernel (for some row counts), if the machine can."""
     return in_features % BLOCK == 0 and in_features <= LONGEST
 
 
 def suits(rows: int, in_features: int) -> bool:
-    """Whether the kernel is the faster one for ``rows`` rows into a layer that :func:`fits`: where the
-    rows' int16 codes stay in L1 beside the weights (bench/int8_kernels.py; beyond that, torch's
+    """Whether the int8 kernel is the faster one for ``rows`` rows into a layer that :func:`fits`: where
+    the rows' int16 codes stay in L1 beside the weights (bench/cpu_kernels.py; beyond that, torch's
     kernel, which interleaves rows, wins)."""
     return in_features <= 1024 or rows * in_features <= LONGEST
 
@@ -70,7 +70,7 @@ def _built() -> str:
         ops = torch.ops.qwen2audio_cpu
         built = ops.int8_available() and ops.int4_available() and ops.attention_available()
         return "" if built else "it was compiled without AVX-512"
-    except Exception as exc:  # a compiler error, a missing ninja: the slower kernel still works
+    except Exception as exc:  # a compiler error, a missing ninja: torch's slower kernels still work
         return f"it could not be built ({type(exc).__name__}: {' '.join(str(exc).split())[-300:]})"
 
 
@@ -81,8 +81,15 @@ def _warn(reason: str) -> None:
 
 
 def _unusable() -> str | None:
+    """Why the kernels cannot run here (None: they can). Asked on every decode step's attention, so
+    only the environment variable is read each time."""
     if os.environ.get("QWEN2AUDIO_CPU_KERNELS", "1") == "0":
         return "QWEN2AUDIO_CPU_KERNELS=0"
+    return _machine_lacks()
+
+
+@functools.cache
+def _machine_lacks() -> str | None:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"it is built for x86-64 Linux, not {platform.system()} {platform.machine()}"
     missing = [flag for flag in _NEEDS if flag not in cpu_flags()]
