@@ -567,7 +567,8 @@ def faults() -> int:
 faults()
 default = faults()
 applied = heap.keep_freed()
-faults()
+for _ in range(2):  # the heap settles first: a small allocation may sit above a freed tensor for a while
+    faults()
 kept = faults()
 print(applied, default, kept)
 """

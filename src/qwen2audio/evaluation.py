@@ -15,13 +15,15 @@ import pathlib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from qwen2audio.api import Qwen2Audio
 from qwen2audio.errors import InputError
 from qwen2audio.text.tasks import classification_prompt, recognition_prompt, translation_prompt
+
+if TYPE_CHECKING:
+    from qwen2audio.api import Qwen2Audio
 
 
 @dataclass(frozen=True)

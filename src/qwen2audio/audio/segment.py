@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
-import torch
 
 from qwen2audio.config import SAMPLE_RATE
 from qwen2audio.errors import InputError
@@ -74,6 +73,8 @@ def speech_spans(samples: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of each stretch of speech, padded a little either side (Silero's defaults)."""
     if len(samples) == 0:
         return []
+    import torch
+
     audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     with _VAD_LOCK:  # the model carries state from chunk to chunk: one clip at a time
         stamps = _silero().get_speech_timestamps(audio, _vad_model(), sampling_rate=SAMPLE_RATE)
@@ -85,6 +86,8 @@ def no_speech_probability(samples: np.ndarray) -> float:
     no_speech_prob, estimated by the VAD rather than by a decoder token)."""
     if len(samples) == 0:
         return 1.0
+    import torch
+
     audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     with _VAD_LOCK, torch.inference_mode():
         probabilities = _vad_model().audio_forward(audio, sr=SAMPLE_RATE)
@@ -164,6 +167,8 @@ def _quietest(samples: np.ndarray, low: int, high: int) -> int:
 def _silero() -> Any:
     """The silero_vad module, imported on first use: importing it sets torch's thread count to 1
     for the whole process (a 2-core machine ran everything at half speed), which is undone here."""
+    import torch
+
     threads = torch.get_num_threads()
     import silero_vad
 

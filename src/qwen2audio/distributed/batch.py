@@ -59,12 +59,13 @@ def read_batch_items(source: str | pathlib.Path) -> list[dict[str, Any]]:
     table (or folder of them), a LibriSpeech folder, or a folder of audio files (ids: their paths
     inside it)."""
     from qwen2audio.evaluation import data_kind, read_items
-    from qwen2audio.transcribe import collect_files
 
     path = pathlib.Path(source)
     if not path.exists():
         raise InputError(f"--input {source}: no such file or directory")
     if path.is_dir() and data_kind(path) is None:
+        from qwen2audio.transcribe import collect_files
+
         items = [{"id": name.as_posix(), "audio": str(file)} for file, name in collect_files([str(path)])]
     else:
         items = read_items(path)

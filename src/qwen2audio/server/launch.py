@@ -14,12 +14,13 @@ import os
 import pathlib
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qwen2audio import EngineOptions, Qwen2Audio
 from qwen2audio.errors import AdapterError, InputError
-from qwen2audio.server.app import ServerOptions, create_app
-from qwen2audio.server.media import MediaPolicy
+
+if TYPE_CHECKING:  # the model and the app load when serving starts, not for ``qwen2audio --help``
+    from qwen2audio import EngineOptions, Qwen2Audio
+    from qwen2audio.server.app import ServerOptions
 
 logger = logging.getLogger("qwen2audio.server")
 UNSUPPORTED = {  # vLLM flags a user will try: what to do instead
@@ -93,6 +94,9 @@ def serve(args: argparse.Namespace) -> int:
     (which stops accepting and lets in-flight requests finish)."""
     import uvicorn
 
+    from qwen2audio import Qwen2Audio
+    from qwen2audio.server.app import create_app
+
     model_name = _model_name(args)
     for name, advice in UNSUPPORTED.items():
         if getattr(args, name) != 1:
@@ -130,6 +134,8 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def _engine_options(args: argparse.Namespace) -> EngineOptions:
+    from qwen2audio import EngineOptions
+
     return EngineOptions(**_engine_settings(args), **_lora_settings(args))
 
 
@@ -198,6 +204,9 @@ def _serve_on_ray(args: argparse.Namespace, model_name: str, options: ServerOpti
 
 
 def _server_options(args: argparse.Namespace, model_name: str) -> ServerOptions:
+    from qwen2audio.server.app import ServerOptions
+    from qwen2audio.server.media import MediaPolicy
+
     root = args.allowed_local_media_path
     if root is not None and not pathlib.Path(root).is_dir():
         raise InputError(f"--allowed-local-media-path {root}: not a directory")
