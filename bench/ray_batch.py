@@ -97,11 +97,15 @@ def clip(work: pathlib.Path, number: int) -> pathlib.Path:
 def run(code: str, checkpoint: pathlib.Path, manifest: pathlib.Path, output: pathlib.Path, tokens: int,
         *extra: str) -> float:
     output.unlink(missing_ok=True)
-    done = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(manifest), str(output), str(tokens),
-                           *extra], capture_output=True, text=True)
+    return result(code, str(checkpoint), str(manifest), str(output), str(tokens), *extra)["seconds"]
+
+
+def result(code: str, *args: str) -> dict:
+    """What ``code`` run in a fresh interpreter with ``args`` printed last, as JSON."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def texts(path: pathlib.Path) -> dict[str, str]:

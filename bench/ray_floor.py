@@ -17,7 +17,6 @@ Sides alternate per round; per-batch times leave out each run's first batch (war
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import signal
 import statistics
@@ -25,7 +24,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ray_batch import prepare
+from ray_batch import prepare, result
 
 RAY = r"""
 import json, sys, time
@@ -58,16 +57,21 @@ def journal_write(self, row):
     return write(self, row)
 
 clean = batch._clean
-batch._clean = lambda row: (calls.append(row["seconds"]), clean(row))[1]
+
+def clean_timed(row):
+    calls.append(row["seconds"])
+    return clean(row)
+
+batch._clean = clean_timed
 batch.Journal.write = journal_write
 job.run(progress=False)
 end, after = time.perf_counter(), cpu_by_process()
 start, before = marks[0]
 used = {pid: (name, after[pid][1] - before[pid][1]) for pid, (name, _) in after.items() if pid in before}
-replica = max(used.values(), key=lambda item: item[1])
-others = sorted(((seconds, name) for name, seconds in used.values() if (name, seconds) != replica), reverse=True)
+replica = max(used, key=lambda pid: used[pid][1])
+others = sorted(((seconds, name) for pid, (name, seconds) in used.items() if pid != replica), reverse=True)
 per_call = list(dict.fromkeys(calls))  # one value per call, in order
-print(json.dumps({"window": end - start, "per_batch": sum(per_call[1:]) / (len(per_call) - 1), "replica": replica,
+print(json.dumps({"window": end - start, "per_batch": sum(per_call[1:]) / (len(per_call) - 1), "replica": used[replica],
                   "others": sum(s for s, _ in others), "top": others[:8]}))
 """
 
@@ -131,17 +135,10 @@ def beside_idle_job(checkpoint: pathlib.Path, manifest: pathlib.Path) -> dict:
     try:
         if job.stdout.readline().strip() != "running":
             raise SystemExit("the idle Ray Data job did not start")
-        return run(PLAIN, str(checkpoint), str(manifest), "0")
+        return result(PLAIN, str(checkpoint), str(manifest), "0")
     finally:
         job.send_signal(signal.SIGINT)  # its ray.shutdown stops the local cluster it started
         job.wait(timeout=60)
-
-
-def run(code: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -155,12 +152,12 @@ def main() -> None:
     ray_batch, shares, plain, loaded, beside = [], [], [], [], []
     for round_ in range(args.repeats):
         (args.work / "floor.jsonl").unlink(missing_ok=True)
-        job = run(RAY, str(checkpoint), str(manifest), str(args.work / "floor.jsonl"))
+        job = result(RAY, str(checkpoint), str(manifest), str(args.work / "floor.jsonl"))
         share = job["others"] / job["window"]
         ray_batch.append(job["per_batch"])
         shares.append(share)
-        plain.append(run(PLAIN, str(checkpoint), str(manifest), "0")["per_batch"])
-        loaded.append(run(PLAIN, str(checkpoint), str(manifest), f"{share:.4f}")["per_batch"])
+        plain.append(result(PLAIN, str(checkpoint), str(manifest), "0")["per_batch"])
+        loaded.append(result(PLAIN, str(checkpoint), str(manifest), f"{share:.4f}")["per_batch"])
         beside.append(beside_idle_job(checkpoint, manifest)["per_batch"])
         top = ", ".join(f"{name} {seconds:.2f} s" for seconds, name in job["top"][:6])
         print(
